@@ -1,0 +1,173 @@
+"""The timm-based ViT against a plain re-statement of DINO's ViT math, and the DINO head."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vision_transformer as vits
+from vision_transformer import DINOHead
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2)
+
+
+class ReferenceDinoViT(nn.Module):
+    """DINO's ViT written out by hand (explicit attention), with DINO's parameter names."""
+
+    def __init__(self, patch_size=16, embed_dim=32, depth=2, num_heads=2, img_size=224):
+        super().__init__()
+        self.patch_size, self.num_heads = patch_size, num_heads
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, embed_dim))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            block = nn.Module()
+            block.norm1, block.norm2 = nn.LayerNorm(embed_dim, eps=1e-6), nn.LayerNorm(embed_dim, eps=1e-6)
+            block.attn = nn.Module()
+            block.attn.qkv, block.attn.proj = nn.Linear(embed_dim, 3 * embed_dim), nn.Linear(embed_dim, embed_dim)
+            block.mlp = nn.Module()
+            block.mlp.fc1, block.mlp.fc2 = nn.Linear(embed_dim, 4 * embed_dim), nn.Linear(4 * embed_dim, embed_dim)
+            self.blocks.append(block)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        for parameter in self.parameters():  # non-trivial norms and biases too
+            nn.init.normal_(parameter, std=0.2)
+
+    def pos_encoding(self, height, width):
+        # DINO resamples with a scale factor nudged by 0.1 patch to dodge floating point error.
+        native = int(math.sqrt(self.pos_embed.shape[1] - 1))
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        if grid_h == grid_w == native:
+            return self.pos_embed
+        patch_pos = self.pos_embed[:, 1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native, (grid_w + 0.1) / native),
+                                  mode="bicubic")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
+
+    def attention(self, attn, x):
+        batch, tokens, dim = x.shape
+        q, k, v = attn.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) * (dim // self.num_heads) ** -0.5).softmax(-1)
+        return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim)), weights
+
+    def forward_all(self, images):
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_encoding(*images.shape[-2:])
+        outputs, last_weights = [], None
+        for block in self.blocks:
+            attended, last_weights = self.attention(block.attn, block.norm1(x))
+            x = x + attended
+            x = x + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(x))))
+            outputs.append(self.norm(x))
+        return outputs, last_weights
+
+
+@pytest.fixture
+def model_and_reference():
+    torch.manual_seed(0)
+    reference = ReferenceDinoViT(patch_size=16, **TINY)
+    model = vits.vit_small(patch_size=16, **TINY).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    return model, reference
+
+
+def test_dino_state_dict_loads_strictly_and_outputs_match_at_native_size(model_and_reference):
+    model, reference = model_and_reference
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        outputs, weights = reference.forward_all(images)
+        torch.testing.assert_close(model.forward_features(images), outputs[-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(images), outputs[-1][:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.get_last_selfattention(images), weights, rtol=1e-5, atol=1e-6)
+        intermediate = model.get_intermediate_layers(images, n=2)
+    assert len(intermediate) == 2
+    for ours, theirs in zip(intermediate, outputs[-2:]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", [(96, 96), (64, 160), (272, 240)])
+def test_other_sizes_differ_from_dino_only_by_interpolation(model_and_reference, height, width):
+    model, reference = model_and_reference
+    images = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        ours, theirs = model.forward_features(images), reference.forward_all(images)[0][-1]
+    assert ours.shape == (2, 1 + (height // 16) * (width // 16), 32)
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 0.03
+
+
+@pytest.mark.parametrize("factory, width, heads", [(vits.vit_tiny, 192, 3), (vits.vit_small, 384, 6),
+                                                    (vits.vit_base, 768, 12)])
+def test_factories_have_dino_sizes(factory, width, heads):
+    model = factory(patch_size=8, depth=1)
+    assert model.embed_dim == width and model.blocks[0].attn.num_heads == heads
+    assert model.pos_embed.shape == (1, 1 + 28 * 28, width)  # native grid at 224 px
+    assert model.blocks[0].attn.fused_attn  # timm's fused scaled-dot-product attention
+
+
+def test_shapes_interface_and_drop_path():
+    model = vits.vit_tiny(patch_size=8, drop_path_rate=0.1, **TINY)
+    assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    model.eval()
+    with torch.no_grad():
+        for side in (16, 32, 40):
+            images = torch.randn(3, 3, side, side)
+            tokens = model.forward_features(images)
+            assert tokens.shape == (3, 1 + (side // 8) ** 2, 32)
+            torch.testing.assert_close(model(images), tokens[:, 0])
+            attention = model.get_last_selfattention(images)
+            assert attention.shape == (3, 2, tokens.shape[1], tokens.shape[1])
+            torch.testing.assert_close(attention.sum(-1), torch.ones(3, 2, tokens.shape[1]))
+            torch.testing.assert_close(model.get_intermediate_layers(images, n=1)[0], tokens)
+
+
+def test_gradients_reach_every_parameter():
+    model = vits.vit_tiny(patch_size=8, **TINY)
+    model.forward_features(torch.randn(2, 3, 24, 32)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_bad_inputs_give_clear_errors():
+    model = vits.vit_tiny(patch_size=8, **TINY)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
+        model(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="n must be between 1 and the depth 2"):
+        model.get_intermediate_layers(torch.randn(1, 3, 16, 16), n=3)
+
+
+@pytest.mark.parametrize("use_bn", [False, True])
+@pytest.mark.parametrize("nlayers", [1, 2, 3])
+def test_head_shapes_on_features_and_tokens(use_bn, nlayers):
+    head = DINOHead(32, 100, use_bn=use_bn, nlayers=nlayers, hidden_dim=48, bottleneck_dim=16)
+    assert head(torch.randn(4, 32)).shape == (4, 100)
+    tokens = torch.randn(4, 7, 32)
+    assert head(tokens).shape == (4, 7, 100)
+    head.eval()  # with batch norm frozen, every token is processed independently
+    torch.testing.assert_close(head(tokens)[:, 3], head(tokens[:, 3]))
+
+
+def test_head_computes_dino_formula_and_uses_dino_names():
+    torch.manual_seed(0)
+    head = DINOHead(32, 50, nlayers=3, hidden_dim=48, bottleneck_dim=16)
+    assert list(head.state_dict()) == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias",
+                                       "mlp.4.weight", "mlp.4.bias", "last_layer.weight_v", "last_layer.weight_g"]
+    with torch.no_grad():
+        head.last_layer.weight_g.uniform_(0.5, 2.0)
+    x = torch.randn(5, 32)
+    hidden = F.gelu(head.mlp[2](F.gelu(head.mlp[0](x))))
+    bottleneck = F.normalize(head.mlp[4](hidden), dim=-1)
+    v = head.last_layer.weight_v
+    expected = bottleneck @ (head.last_layer.weight_g * v / v.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(head(x), expected)
+
+
+def test_head_norm_last_layer_freezes_the_scale():
+    assert not DINOHead(32, 10, norm_last_layer=True).last_layer.weight_g.requires_grad
+    free = DINOHead(32, 10, norm_last_layer=False)
+    assert free.last_layer.weight_g.requires_grad
+    torch.testing.assert_close(free.last_layer.weight_g, torch.ones(10, 1))
+    with pytest.raises(ValueError, match="nlayers"):
+        DINOHead(32, 10, nlayers=0)

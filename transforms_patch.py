@@ -1,0 +1,190 @@
+"""Multi-crop augmentation that records where every view came from.
+
+Each view carries its geometry (METHOD.md section 2): the crop box ``top, left, height, width`` in
+source-image pixels as drawn by RandomResizedCrop, whether it was ``flipped`` horizontally after
+cropping, and its output side ``size`` in pixels. Colour operations leave geometry unchanged.
+Patch matching (``patch_matching.py``) turns two geometries into token correspondences.
+
+A geometry travels as a float64 tensor row ``[top, left, height, width, flipped, size]`` (float64
+holds every pixel coordinate exactly, and the matching rule rounds float64 ratios).
+
+All randomness comes from torch's global generator, which DataLoader seeds differently in every
+worker; nothing here reseeds it. Every image gets its own views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GEOMETRY_FIELDS = ("top", "left", "height", "width", "flipped", "size")
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Where a square view of ``size x size`` pixels was cut from its source image.
+
+    ``top, left, height, width`` is the crop box in source pixels; ``flipped`` is a horizontal
+    flip applied after cropping and resizing.
+    """
+
+    top: float
+    left: float
+    height: float
+    width: float
+    flipped: bool
+    size: int
+
+    def to_tensor(self) -> torch.Tensor:
+        """The geometry as a float64 row ``[6]``: ``[top, left, height, width, flipped, size]``."""
+        return torch.tensor([self.top, self.left, self.height, self.width, float(self.flipped), self.size],
+                            dtype=torch.float64)
+
+    @classmethod
+    def from_sequence(cls, values: Sequence[float] | torch.Tensor) -> "ViewGeometry":
+        """Build from ``(top, left, height, width, flipped, size)`` (a tuple, list or tensor row)."""
+        if isinstance(values, ViewGeometry):
+            return values
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        if len(values) != len(GEOMETRY_FIELDS):
+            raise ValueError(f"a geometry has 6 values {GEOMETRY_FIELDS}, got {len(values)}: {values}")
+        top, left, height, width, flipped, size = values
+        if height <= 0 or width <= 0 or size <= 0:
+            raise ValueError(f"geometry needs positive height, width and size, got {values}")
+        return cls(top, left, height, width, bool(flipped), int(size))
+
+
+class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
+    """torchvision's RandomResizedCrop to a square ``size``, also returning the crop's geometry.
+
+    The crop box is drawn by torchvision's own ``get_params`` (same distribution, same RNG calls).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+                 interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"crop size must be a positive int (square views), got {size!r}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        super().__init__(size, scale=scale, ratio=ratio, interpolation=interpolation)
+
+    def forward(self, image: Image.Image) -> tuple[Image.Image, ViewGeometry]:
+        top, left, height, width = self.get_params(image, self.scale, self.ratio)
+        view = TF.resized_crop(image, top, left, height, width, self.size, self.interpolation,
+                               antialias=self.antialias)
+        return view, ViewGeometry(top, left, height, width, False, self.size[0])
+
+
+class RandomHorizontalFlipWithGeometry(torch.nn.Module):
+    """Flip a view horizontally with probability ``p`` and toggle its geometry's ``flipped``."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, image: Image.Image, geometry: ViewGeometry) -> tuple[Image.Image, ViewGeometry]:
+        if torch.rand(1).item() < self.p:
+            return TF.hflip(image), replace(geometry, flipped=not geometry.flipped)
+        return image, geometry
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with radius drawn from ``U(radius_min, radius_max)``, applied with probability ``p``."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if torch.rand(1).item() >= self.p:
+            return image
+        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(1).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, radius=U({self.radius_min}, {self.radius_max}))"
+
+
+def photometric_transform(blur_p: float, solarize_p: float) -> transforms.Compose:
+    """DINO's photometric recipe after crop and flip: colour, blur, solarize, then normalise to a tensor."""
+    return transforms.Compose([
+        transforms.RandomApply(
+            [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        RandomGaussianBlur(blur_p),
+        transforms.RandomSolarize(threshold=128, p=solarize_p),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class MultiCropAugmentation:
+    """DINO's multi-crop augmentation, returning the views and their geometry.
+
+    Views, in order: global 1 (blur p=1.0), global 2 (blur p=0.1, solarize p=0.2), then
+    ``local_crops_number`` local views (blur p=0.5). Each is cropped, flipped (p=0.5), colour
+    jittered (p=0.8), turned grayscale (p=0.2), blurred, solarized and normalised.
+
+    Calling it on a PIL image returns ``(views, geometry)``: a list of ``2 + local_crops_number``
+    tensors ``[3, S, S]`` (S the global or local size) and a float64 tensor ``[V, 6]``.
+    """
+
+    def __init__(self, global_crops_scale: tuple[float, float] = (0.4, 1.0),
+                 local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
+                 global_crops_size: int = 224, local_crops_size: int = 96):
+        if not isinstance(local_crops_number, int) or local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
+        self.local_crops_number = local_crops_number
+        self.global_crop = RandomResizedCropWithGeometry(global_crops_size, scale=tuple(global_crops_scale))
+        self.local_crop = RandomResizedCropWithGeometry(local_crops_size, scale=tuple(local_crops_scale))
+        self.flip = RandomHorizontalFlipWithGeometry(p=0.5)
+        self.global_photometrics = [photometric_transform(blur_p=1.0, solarize_p=0.0),
+                                    photometric_transform(blur_p=0.1, solarize_p=0.2)]
+        self.local_photometric = photometric_transform(blur_p=0.5, solarize_p=0.0)
+
+    @property
+    def num_views(self) -> int:
+        return 2 + self.local_crops_number
+
+    def pipelines(self) -> list[tuple[RandomResizedCropWithGeometry, transforms.Compose]]:
+        """(crop, photometric) for every view, globals first."""
+        globals_ = [(self.global_crop, photometric) for photometric in self.global_photometrics]
+        return globals_ + [(self.local_crop, self.local_photometric)] * self.local_crops_number
+
+    def __call__(self, image: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        views, geometries = [], []
+        for crop, photometric in self.pipelines():
+            view, geometry = self.flip(*crop(image))
+            views.append(photometric(view))
+            geometries.append(geometry.to_tensor())
+        return views, torch.stack(geometries)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(global={self.global_crop.size[0]}px scale={self.global_crop.scale}, "
+                f"local={self.local_crops_number}x{self.local_crop.size[0]}px scale={self.local_crop.scale})")
+
+
+def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Stack ``[((views, geometry), label), ...]`` (an ImageFolder over MultiCropAugmentation).
+
+    Returns:
+        images: list of ``V`` tensors ``[B, 3, S_v, S_v]``, one per view;
+        geometry: float64 ``[B, V, 6]``;
+        labels: int64 ``[B]``.
+    """
+    samples, labels = zip(*batch)
+    views_per_sample, geometries = zip(*samples)
+    num_views = len(views_per_sample[0])
+    if any(len(views) != num_views for views in views_per_sample):
+        raise ValueError("every sample of a batch must have the same number of views")
+    images = [torch.stack([views[v] for views in views_per_sample]) for v in range(num_views)]
+    return images, torch.stack(geometries), torch.as_tensor(labels, dtype=torch.int64)

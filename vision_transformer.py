@@ -1,0 +1,232 @@
+"""Vision Transformers with DINO's interface, built on timm, and the DINO projection head.
+
+The backbone is timm's ``VisionTransformer`` (fused scaled-dot-product attention, DINO's parameter
+names), wrapped so that it behaves like DINO's ``vision_transformer.VisionTransformer``:
+
+* ``model(x)`` returns the CLS feature ``[B, D]``;
+* ``model.forward_features(x)`` returns every normalised token ``[B, 1 + N, D]``;
+* ``model.get_last_selfattention(x)`` returns the last block's attention ``[B, heads, 1+N, 1+N]``;
+* ``model.get_intermediate_layers(x, n)`` returns the last ``n`` block outputs, each normalised;
+* any input whose sides are multiples of the patch size works: the position embeddings of the
+  native grid (``img_size // patch_size`` per side) are resampled bicubically to the input's grid.
+
+A DINO backbone state dict (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.*``,
+``norm.*``) loads with ``strict=True``; so does a timm ViT state dict without its classifier.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+__all__ = ["VisionTransformer", "DINOHead", "WeightNormLinear", "vit_tiny", "vit_small", "vit_base"]
+
+
+class VisionTransformer(TimmVisionTransformer):
+    """timm's ViT with DINO's forward interface and size-agnostic position embeddings.
+
+    Args:
+        img_size: side of the image the position embeddings are learned for (the native size).
+        patch_size: side of a square patch in pixels.
+        **kwargs: anything timm's ``VisionTransformer`` takes (``embed_dim``, ``depth``,
+            ``num_heads``, ``drop_path_rate``, ...). ``num_classes`` defaults to 0 (no classifier).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, **kwargs):
+        kwargs.setdefault("num_classes", 0)
+        kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(img_size=img_size, patch_size=patch_size, dynamic_img_size=True, **kwargs)
+        self.patch_size = patch_size
+        # DINO draws the CLS token like the position embeddings (timm uses a near-zero one).
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
+                f"resize or crop the input to a multiple of {self.patch_size} pixels per side"
+            )
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepend the CLS token and add position embeddings resampled to the grid of ``x``.
+
+        Args:
+            x: patch embeddings ``[B, H, W, D]`` (timm's NHWC layout for dynamic sizes).
+
+        Returns:
+            tokens ``[B, 1 + H * W, D]``.
+        """
+        batch, grid_h, grid_w, dim = x.shape
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
+        return self.pos_drop(tokens + self.resample_pos_embed(grid_h, grid_w))
+
+    def resample_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Position embeddings ``[1, 1 + grid_h * grid_w, D]`` for a ``grid_h x grid_w`` patch grid.
+
+        The native grid is returned unchanged; other grids are resampled bicubically (no
+        antialiasing, as DINO does), in float32 whatever the parameter dtype.
+        """
+        native_h, native_w = self.patch_embed.grid_size
+        if (grid_h, grid_w) == (native_h, native_w):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        dim = patch_pos.shape[-1]
+        patch_pos = patch_pos.float().reshape(1, native_h, native_w, dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+        return torch.cat([cls_pos, patch_pos.to(cls_pos.dtype)], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> input tokens of the first block ``[B, 1 + N, D]``."""
+        self._check_input(x)
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> all normalised output tokens ``[B, 1 + N, D]`` (CLS first)."""
+        return self.norm(self.blocks(self.prepare_tokens(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> normalised CLS feature ``[B, D]``."""
+        return self.forward_features(x)[:, 0]
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> attention probabilities of the last block ``[B, heads, 1+N, 1+N]``."""
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        return attention_probabilities(self.blocks[-1].attn, self.blocks[-1].norm1(tokens))
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Images ``[B, C, H, W]`` -> the outputs of the last ``n`` blocks, each normalised, ``[B, 1+N, D]``."""
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"n must be between 1 and the depth {len(self.blocks)}, got {n}")
+        tokens = self.prepare_tokens(x)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if index >= len(self.blocks) - n:
+                outputs.append(self.norm(tokens))
+        return outputs
+
+
+def attention_probabilities(attn: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Softmax attention weights ``[B, heads, T, T]`` of a timm ``Attention`` module on ``[B, T, D]``.
+
+    Fused attention never materialises these weights, so they are recomputed from the module's own
+    projections; only used for visualisation, never in training.
+    """
+    batch, num_tokens, _ = tokens.shape
+    qkv = attn.qkv(tokens).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+    query, key, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    query, key = attn.q_norm(query), attn.k_norm(key)
+    return ((query * attn.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _vit(patch_size: int, defaults: dict, kwargs: dict) -> VisionTransformer:
+    """Build a ViT from size defaults that ``kwargs`` may override (tiny test models do)."""
+    config = dict(mlp_ratio=4, qkv_bias=True, **defaults)
+    config.update(kwargs)
+    return VisionTransformer(patch_size=patch_size, **config)
+
+
+def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """ViT-Tiny: width 192, 12 blocks, 3 heads."""
+    return _vit(patch_size, dict(embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """ViT-Small: width 384, 12 blocks, 6 heads."""
+    return _vit(patch_size, dict(embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """ViT-Base: width 768, 12 blocks, 12 heads."""
+    return _vit(patch_size, dict(embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight normalisation, ``W = g * v / ||v||`` per output row.
+
+    Parameters are named ``weight_g`` ``[out, 1]`` and ``weight_v`` ``[out, in]`` as in DINO's
+    checkpoints (made with ``torch.nn.utils.weight_norm``), so those load unchanged.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight ``[out, in]``."""
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.weight_v.shape[1]}, out_dim={self.weight_v.shape[0]}"
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: MLP -> L2 normalisation -> weight-normalised linear to ``out_dim``.
+
+    Works on any leading shape: ``[B, D]`` (CLS features) or ``[B, T, D]`` (token tensors); batch
+    norm, when used, normalises over all leading positions together.
+
+    Args:
+        in_dim: input width ``D``.
+        out_dim: number of prototypes ``K``.
+        use_bn: batch norm after each hidden linear layer.
+        norm_last_layer: freeze the scale ``g`` of the last layer at 1 (DINO's stabiliser).
+        nlayers: linear layers in the MLP (at least 1).
+        hidden_dim: width of the hidden layers.
+        bottleneck_dim: width of the MLP output fed to the last layer.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be at least 1, got {nlayers}")
+        self.mlp = _head_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, use_bn)
+        self.apply(_init_linear)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad = not norm_last_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[..., in_dim]`` -> logits ``[..., out_dim]``."""
+        leading = x.shape[:-1]
+        x = self.mlp(x.reshape(-1, x.shape[-1]))
+        x = F.normalize(x, dim=-1, p=2)
+        return self.last_layer(x).reshape(*leading, -1)
+
+
+def _head_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, use_bn: bool) -> nn.Module:
+    if nlayers == 1:
+        return nn.Linear(in_dim, bottleneck_dim)
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(nlayers - 1):
+        layers.append(nn.Linear(width, hidden_dim))
+        if use_bn:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(nn.GELU())
+        width = hidden_dim
+    layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+    return nn.Sequential(*layers)
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
