@@ -27,3 +27,18 @@ def test_vit_on_cuda_matches_cpu():
         expected = model.forward_features(images)
         actual = model.cuda().forward_features(images.cuda()).cpu()
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_training_runs_on_cuda(tmp_path, precision):
+    from test_train import TINY_ARGS, write_images
+    import patch_wise_dino
+
+    data = write_images(tmp_path / "data")
+    args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
+    trainer = patch_wise_dino.main(patch_wise_dino.get_args_parser().parse_args(
+        args + ["--data_path", str(data), "--output_dir", str(tmp_path / "run"), "--epochs", "2",
+                "--precision", precision]))
+    assert next(trainer.teacher.parameters()).device.type == "cuda"
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    assert (tmp_path / "run" / "checkpoint.pth").exists()

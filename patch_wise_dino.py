@@ -1,0 +1,614 @@
+"""PW-Self training: DINO self-distillation plus a loss on geometrically matched patch tokens.
+
+Single process (CPU or one GPU):
+    python patch_wise_dino.py --data_path /path/to/train --output_dir out
+Several GPUs or nodes:
+    torchrun --nproc_per_node=4 patch_wise_dino.py --data_path /path/to/train --output_dir out
+
+Restarting the same command resumes from ``<output_dir>/checkpoint.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+import utils
+import vision_transformer as vits
+from patch_matching import MATCHING_MODES, match_patches_batched
+from transforms_patch import MultiCropAugmentation, collate_multicrop
+from vision_transformer import DINOHead
+
+ARCHS = {"vit_tiny": vits.vit_tiny, "vit_small": vits.vit_small, "vit_base": vits.vit_base}
+NUM_GLOBAL_VIEWS = 2
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("PW-Self", add_help=False)
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--arch", default="vit_small", choices=sorted(ARCHS),
+                       help="Backbone. vit_small is the usual choice; vit_tiny trains fastest.")
+    group.add_argument("--patch_size", default=16, type=int,
+                       help="Side of a patch in pixels. Smaller patches give more tokens and better "
+                            "features at a quadratic cost in attention. Crop sizes must be multiples of it.")
+    group.add_argument("--embed_dim", default=None, type=int, help="Override the architecture's width (for tiny models).")
+    group.add_argument("--depth", default=None, type=int, help="Override the architecture's number of blocks.")
+    group.add_argument("--num_heads", default=None, type=int, help="Override the architecture's number of heads.")
+    group.add_argument("--out_dim", default=65536, type=int,
+                       help="Number of prototypes K of the DINO head. Large K (65536) suits ImageNet; "
+                            "smaller data sets do well with a few thousand.")
+    group.add_argument("--head_hidden_dim", default=2048, type=int, help="Hidden width of the head's MLP.")
+    group.add_argument("--head_bottleneck_dim", default=256, type=int, help="Width of the head's L2-normalised output.")
+    group.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
+                       help="Freeze the scale of the head's weight-normalised last layer (true/false). "
+                            "true is more stable; false often gives better features for ViT-S but may diverge.")
+    group.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
+                       help="Batch norm in the head's MLP (true/false). Off for ViTs.")
+    group.add_argument("--momentum_teacher", default=0.996, type=float,
+                       help="Start of the teacher's EMA momentum; it rises to 1 on a cosine over training. "
+                            "Use ~0.9995 for batches of 256 or less.")
+    group.add_argument("--drop_path_rate", default=0.1, type=float, help="Stochastic depth of the student.")
+
+    group = parser.add_argument_group("PW-Self loss")
+    group.add_argument("--patch_loss", default=True, type=utils.bool_flag,
+                       help="Add the loss on matched patch tokens (true/false). false trains exactly "
+                            "DINO's CLS objective: the baseline.")
+    group.add_argument("--cls_weight", default=None, type=float,
+                       help="Weight lambda of the CLS term per view pair: lambda * CE_cls + (1 - lambda) * "
+                            "mean CE_patches. Unset: every matched token (CLS included) counts the same, "
+                            "as the authors' code does.")
+    group.add_argument("--matching", default="upstream", choices=MATCHING_MODES,
+                       help="Patch matching rule: 'upstream' (the authors', one-to-one) or 'centre' "
+                            "(the teacher patch containing each student patch's centre).")
+
+    group = parser.add_argument_group("temperatures")
+    group.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+                       help="Teacher temperature at the start of training; lower it if the loss does not fall.")
+    group.add_argument("--teacher_temp", default=0.04, type=float,
+                       help="Teacher temperature after warm-up. Above 0.07 training tends to be unstable.")
+    group.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                       help="Epochs of linear warm-up of the teacher temperature.")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                       help="Mixed precision of the forward passes. auto: bf16 on a GPU that supports "
+                            "it, else fp32. fp16 uses a gradient scaler and needs CUDA.")
+    group.add_argument("--weight_decay", default=0.04, type=float, help="Weight decay at the start (cosine schedule).")
+    group.add_argument("--weight_decay_end", default=0.4, type=float, help="Weight decay at the end of training.")
+    group.add_argument("--clip_grad", default=3.0, type=float,
+                       help="Largest gradient norm of each parameter, clipped on its own; 0 disables clipping.")
+    group.add_argument("--batch_size_per_gpu", default=64, type=int, help="Images per process and step.")
+    group.add_argument("--epochs", default=100, type=int, help="Training epochs.")
+    group.add_argument("--freeze_last_layer", default=1, type=int,
+                       help="Epochs during which the head's last layer is not updated; helps early training.")
+    group.add_argument("--lr", default=0.0005, type=float,
+                       help="Peak learning rate for a total batch of 256; it scales linearly with the total batch.")
+    group.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up.")
+    group.add_argument("--min_lr", default=1e-6, type=float, help="Learning rate at the end of the cosine decay.")
+    group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
+                       help="adamw for ViTs; sgd or lars mostly for convnets.")
+
+    group = parser.add_argument_group("multi-crop")
+    group.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
+                       help="Area range of the two global crops relative to the image.")
+    group.add_argument("--global_crops_size", default=224, type=int,
+                       help="Side of the global views in pixels; also the backbone's native size.")
+    group.add_argument("--local_crops_number", default=8, type=int, help="Number of local views (0: global views only).")
+    group.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
+                       help="Area range of the local crops relative to the image.")
+    group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local views in pixels.")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--data_path", required=True, type=str,
+                       help="Training images: an ImageFolder (class sub-folders) or a flat folder of images.")
+    group.add_argument("--output_dir", default=".", type=str, help="Where logs and checkpoints are written.")
+    group.add_argument("--saveckp_freq", default=20, type=int,
+                       help="Keep checkpoint{epoch:04}.pth every this many epochs (0: never).")
+    group.add_argument("--seed", default=0, type=int, help="Seed of initialisation, data order and augmentation.")
+    group.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
+    group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                       help="auto: this process's GPU when CUDA is available, else the CPU.")
+    group.add_argument("--print_freq", default=10, type=int, help="Print a progress line every this many iterations.")
+    parser.add_argument("-h", "--help", action="help", help="Show this message and exit.")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Stop early, with the fix named, on arguments that cannot work."""
+    problems = []
+    if args.global_crops_size % args.patch_size:
+        problems.append(f"--global_crops_size {args.global_crops_size} is not a multiple of --patch_size {args.patch_size}")
+    if args.local_crops_number > 0 and args.local_crops_size % args.patch_size:
+        problems.append(f"--local_crops_size {args.local_crops_size} is not a multiple of --patch_size {args.patch_size}")
+    for name in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "print_freq", "global_crops_size",
+                 "local_crops_size", "head_hidden_dim", "head_bottleneck_dim"):
+        if getattr(args, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("local_crops_number", "num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
+                 "warmup_teacher_temp_epochs"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.warmup_teacher_temp_epochs > args.epochs:
+        problems.append("--warmup_teacher_temp_epochs cannot exceed --epochs")
+    if min(args.teacher_temp, args.warmup_teacher_temp) <= 0:
+        problems.append("teacher temperatures must be positive")
+    if args.cls_weight is not None and not 0 <= args.cls_weight <= 1:
+        problems.append(f"--cls_weight must lie in [0, 1], got {args.cls_weight}")
+    if not 0 <= args.momentum_teacher <= 1:
+        problems.append(f"--momentum_teacher must lie in [0, 1], got {args.momentum_teacher}")
+    if not Path(args.data_path).is_dir():
+        problems.append(f"--data_path {args.data_path} is not a folder")
+    if problems:
+        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+# ----------------------------------------------------------------------------------------------
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
+
+
+class FlatImageFolder(Dataset):
+    """Every image file directly inside ``root`` (sorted by name), each with label 0."""
+
+    def __init__(self, root: str | Path, transform=None):
+        self.files = sorted(p for p in Path(root).iterdir() if is_image_file(p))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.files[index]) as image:
+            image = image.convert("RGB")
+        return (self.transform(image) if self.transform else image), 0
+
+
+def build_dataset(data_path: str | Path, transform) -> Dataset:
+    """An ImageFolder when ``data_path`` has class sub-folders holding images, else a flat folder."""
+    root = Path(data_path)
+    if any(child.is_dir() for child in root.iterdir()):
+        dataset = ImageFolder(str(root), transform=transform, allow_empty=True)
+        if len(dataset):
+            return dataset
+    dataset = FlatImageFolder(root, transform)
+    if not len(dataset):
+        raise ValueError(f"no images found in {root}: expected class sub-folders of images (ImageFolder "
+                         f"layout) or image files ({', '.join(IMG_EXTENSIONS)}) directly inside it")
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Model.
+# ----------------------------------------------------------------------------------------------
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of views; consecutive views of one size share a forward pass.
+
+    With ``patch_tokens`` every token goes through the head and view ``v`` gives logits
+    ``[B, 1 + N_v, K]``; without, only the CLS token does and each view gives ``[B, 1, K]``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, patch_tokens: bool):
+        super().__init__()
+        self.backbone, self.head, self.patch_tokens = backbone, head, patch_tokens
+
+    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = []
+        for group in _consecutive_size_groups(views):
+            batch = torch.cat(group)
+            features = self.backbone.forward_features(batch) if self.patch_tokens else self.backbone(batch)[:, None]
+            outputs.extend(self.head(features).chunk(len(group)))
+        return outputs
+
+
+def _consecutive_size_groups(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: list[list[torch.Tensor]] = []
+    for view in views:
+        if groups and groups[-1][-1].shape[-2:] == view.shape[-2:]:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    return groups
+
+
+def build_backbone(args: argparse.Namespace, drop_path_rate: float = 0.0) -> vits.VisionTransformer:
+    """The ViT named by ``args`` (native size: the global crop size), with size overrides applied."""
+    overrides = {name: getattr(args, name) for name in ("embed_dim", "depth", "num_heads")
+                 if getattr(args, name, None) is not None}
+    return ARCHS[args.arch](patch_size=args.patch_size, img_size=args.global_crops_size,
+                            drop_path_rate=drop_path_rate, **overrides)
+
+
+def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student (with drop-path) and teacher (a frozen copy of the student's weights)."""
+    def head(width: int) -> DINOHead:
+        return DINOHead(width, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer,
+                        hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
+
+    student_backbone = build_backbone(args, args.drop_path_rate)
+    teacher_backbone = build_backbone(args)
+    student = MultiCropWrapper(student_backbone, head(student_backbone.embed_dim), args.patch_loss)
+    teacher = MultiCropWrapper(teacher_backbone, head(teacher_backbone.embed_dim), args.patch_loss)
+    teacher.load_state_dict(student.state_dict())
+    for parameter in teacher.parameters():
+        parameter.requires_grad = False
+    return student, teacher
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss.
+# ----------------------------------------------------------------------------------------------
+def view_pairs(num_views: int) -> list[tuple[int, int]]:
+    """(teacher global view, student view) pairs: every other view for each global view."""
+    return [(g, v) for g in range(NUM_GLOBAL_VIEWS) for v in range(num_views) if v != g]
+
+
+def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str, patch_loss: bool) -> dict[tuple[int, int], torch.Tensor]:
+    """Teacher token per student token for every view pair, on the geometry's device.
+
+    Args:
+        geometry: ``[B, V, 6]`` from ``collate_multicrop``.
+
+    Returns:
+        ``{(g, v): LongTensor [B, T_v]}`` with -1 for unmatched tokens; ``T_v = 1`` (CLS only)
+        when ``patch_loss`` is off.
+    """
+    batch, num_views = geometry.shape[:2]
+    if not patch_loss:
+        cls_only = torch.zeros(batch, 1, dtype=torch.long, device=geometry.device)
+        return {pair: cls_only for pair in view_pairs(num_views)}
+    return {(g, v): match_patches_batched(geometry[:, g], geometry[:, v], patch_size, mode)
+            for g, v in view_pairs(num_views)}
+
+
+class PatchWiseDINOLoss(nn.Module):
+    """The PW-Self objective (METHOD.md section 4) with one center per teacher token position.
+
+    Args:
+        out_dim: number of prototypes ``K``.
+        num_positions: teacher tokens per global view (``1 + P_global^2``; 1 for DINO's CLS loss).
+        teacher_temps: teacher temperature per epoch.
+        student_temp: student temperature.
+        center_momentum: EMA momentum of the center.
+        cls_weight: ``None`` for the token mean over matched pairs; else the CLS weight lambda.
+    """
+
+    def __init__(self, out_dim: int, num_positions: int, teacher_temps: np.ndarray, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, cls_weight: float | None = None):
+        super().__init__()
+        self.student_temp, self.center_momentum, self.cls_weight = student_temp, center_momentum, cls_weight
+        self.teacher_temps = teacher_temps
+        self.register_buffer("center", torch.zeros(num_positions, out_dim))
+
+    def forward(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
+                matches: dict[tuple[int, int], torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict]:
+        """Loss over all view pairs, then a center update.
+
+        Args:
+            student_logits: per view ``[B, T_v, K]``.
+            teacher_logits: per global view ``[B, T_g, K]`` (no gradient).
+            matches: ``{(g, v): [B, T_v]}`` teacher token per student token, -1 if unmatched.
+            epoch: selects the teacher temperature.
+
+        Returns:
+            the scalar loss and detached statistics (``loss_cls``, ``loss_patch``,
+            ``matched_patches`` per view pair and sample, ``teacher_entropy``).
+        """
+        teacher_probs, teacher_entropy = self.teacher_distributions(teacher_logits, float(self.teacher_temps[epoch]))
+        scaled = [logits.float() / self.student_temp for logits in student_logits]
+        log_normalisers = [torch.logsumexp(s, dim=-1) for s in scaled]
+        pair_losses, cls_means, patch_sums, patch_counts = [], [], [], []
+        for (g, v), match in matches.items():
+            ce = pair_cross_entropy(teacher_probs[g], scaled[v], log_normalisers[v], match)
+            patch_mask = (match[:, 1:] >= 0).to(ce.dtype)
+            cls_means.append(ce[:, 0].mean())
+            patch_sums.append((ce[:, 1:] * patch_mask).sum())
+            patch_counts.append(patch_mask.sum())
+            pair_losses.append(self.pair_loss(ce[:, 0], patch_sums[-1], patch_counts[-1]))
+        loss = torch.stack(pair_losses).mean()
+        stats = self._statistics(cls_means, patch_sums, patch_counts, teacher_entropy, len(student_logits[0]))
+        self.update_center(teacher_logits)
+        return loss, stats
+
+    def pair_loss(self, cls_ce: torch.Tensor, patch_sum: torch.Tensor, patch_count: torch.Tensor) -> torch.Tensor:
+        """Loss of one view pair from its CLS cross-entropies ``[B]`` and its patch sum and count."""
+        if self.cls_weight is None:
+            return (cls_ce.sum() + patch_sum) / (cls_ce.numel() + patch_count)
+        weighted = self.cls_weight * cls_ce.mean() + (1 - self.cls_weight) * patch_sum / patch_count.clamp(min=1)
+        return torch.where(patch_count > 0, weighted, cls_ce.mean())  # no patch pairs: CLS term alone
+
+    @torch.no_grad()
+    def teacher_distributions(self, teacher_logits: list[torch.Tensor], temperature: float):
+        """Centered, sharpened teacher probabilities per global view ``[B, T_g, K]`` and their mean entropy."""
+        probs, entropies = [], []
+        for logits in teacher_logits:
+            self._check_positions(logits)
+            log_probs = torch.log_softmax((logits.float() - self.center) / temperature, dim=-1)
+            probs.append(log_probs.exp())
+            entropies.append(-(probs[-1] * log_probs).sum(-1).mean())
+        return probs, torch.stack(entropies).mean()
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
+        """``C <- m C + (1 - m) * mean over samples and global views`` per position, over all processes."""
+        batch_sum = torch.stack([logits.float().sum(0) for logits in teacher_logits]).sum(0)
+        utils.all_reduce_sum(batch_sum)
+        count = sum(len(logits) for logits in teacher_logits) * utils.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+    def _check_positions(self, logits: torch.Tensor) -> None:
+        if logits.shape[1:] != self.center.shape:
+            raise ValueError(f"teacher logits have shape {tuple(logits.shape[1:])} per sample but the center "
+                             f"is {tuple(self.center.shape)}: the global crop size, patch size or out_dim changed")
+
+    @staticmethod
+    @torch.no_grad()
+    def _statistics(cls_means, patch_sums, patch_counts, teacher_entropy, batch_size) -> dict[str, torch.Tensor]:
+        patch_total = torch.stack(patch_counts).sum()
+        return {
+            "loss_cls": torch.stack(cls_means).mean().detach(),
+            "loss_patch": (torch.stack(patch_sums).sum() / patch_total.clamp(min=1)).detach(),
+            "matched_patches": patch_total / (len(patch_counts) * batch_size),
+            "teacher_entropy": teacher_entropy,
+        }
+
+
+def pair_cross_entropy(teacher_probs: torch.Tensor, student_scaled: torch.Tensor, student_log_norm: torch.Tensor,
+                       match: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every student token against its matched teacher token.
+
+    ``-sum_k P[i, k] log softmax(s_j)_k = logsumexp(s_j) - sum_k P[i, k] s[j, k]`` because P sums to 1.
+
+    Args:
+        teacher_probs: ``[B, T_g, K]``; student_scaled: logits over the student temperature ``[B, T_v, K]``;
+        student_log_norm: their logsumexp ``[B, T_v]``; match: ``[B, T_v]`` (-1 entries give
+        meaningless values that the caller masks out).
+
+    Returns:
+        ``[B, T_v]``.
+    """
+    index = match.clamp(min=0)[..., None].expand(-1, -1, teacher_probs.shape[-1])
+    matched_probs = torch.gather(teacher_probs, 1, index)
+    return student_log_norm - torch.linalg.vecdot(matched_probs, student_scaled)
+
+
+def teacher_temperature_schedule(args: argparse.Namespace) -> np.ndarray:
+    """Per-epoch teacher temperature: linear warm-up, then constant."""
+    warmup = np.linspace(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs)
+    return np.concatenate([warmup, np.full(args.epochs - args.warmup_teacher_temp_epochs, args.teacher_temp)])
+
+
+def build_loss(args: argparse.Namespace) -> PatchWiseDINOLoss:
+    num_positions = 1 + (args.global_crops_size // args.patch_size) ** 2 if args.patch_loss else 1
+    return PatchWiseDINOLoss(args.out_dim, num_positions, teacher_temperature_schedule(args),
+                             cls_weight=args.cls_weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------------------------
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``--precision`` (None: full fp32)."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+class Schedules:
+    """Per-iteration learning rate, weight decay and teacher momentum over the whole run."""
+
+    def __init__(self, args: argparse.Namespace, iters_per_epoch: int):
+        total_batch = args.batch_size_per_gpu * utils.get_world_size()
+        self.lr = utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, iters_per_epoch,
+                                         warmup_epochs=args.warmup_epochs)
+        self.wd = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
+        self.momentum = utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
+
+    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        for index, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(self.lr[iteration])
+            if index == 0:  # only the regularised group decays
+                group["weight_decay"] = float(self.wd[iteration])
+
+
+class Trainer:
+    """Everything one training step touches, and the step itself."""
+
+    def __init__(self, args, student, teacher, loss_fn, optimizer, schedules, scaler, autocast_dtype, device):
+        self.args, self.student, self.teacher, self.loss_fn = args, student, teacher, loss_fn
+        self.optimizer, self.schedules, self.scaler = optimizer, schedules, scaler
+        self.autocast_dtype, self.device = autocast_dtype, device
+        self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
+
+    def step(self, images: list[torch.Tensor], geometry: torch.Tensor, epoch: int, iteration: int,
+             iteration_in_epoch: int) -> dict[str, float]:
+        """One optimisation step on a batch: views ``V x [B, 3, S, S]``, geometry ``[B, V, 6]``."""
+        self.schedules.apply(self.optimizer, iteration)
+        images = [view.to(self.device, non_blocking=True) for view in images]
+        matches = compute_matches(geometry.to(self.device, non_blocking=True), self.args.patch_size,
+                                  self.args.matching, self.args.patch_loss)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            with torch.no_grad():
+                teacher_logits = self.teacher(images[:NUM_GLOBAL_VIEWS])  # only the global views
+            student_logits = self.student(images)
+        loss, stats = self.loss_fn(student_logits, teacher_logits, matches, epoch)
+        stats = {name: value.item() for name, value in stats.items()}
+        if not math.isfinite(loss.item()):
+            self._stop_on_non_finite(loss.item(), stats, epoch, iteration_in_epoch)
+        self._optimise(loss, epoch)
+        utils.ema_update(self.teacher, self.student_module, float(self.schedules.momentum[iteration]))
+        if not self.args.patch_loss:
+            stats = {k: v for k, v in stats.items() if k not in ("loss_patch", "matched_patches")}
+        return {"loss": loss.item(), **stats, "lr": self.optimizer.param_groups[0]["lr"],
+                "wd": self.optimizer.param_groups[0]["weight_decay"],
+                "teacher_temp": float(self.loss_fn.teacher_temps[epoch])}
+
+    def _optimise(self, loss: torch.Tensor, epoch: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.args.clip_grad:
+            utils.clip_gradients(self.student_module, self.args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, self.student_module, self.args.freeze_last_layer)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _stop_on_non_finite(self, loss: float, stats: dict, epoch: int, iteration: int) -> None:
+        parts = ", ".join(f"{name}={value:.6g}" for name, value in stats.items())
+        raise FloatingPointError(
+            f"loss is {loss} at epoch {epoch}, iteration {iteration} ({parts}, "
+            f"lr={self.optimizer.param_groups[0]['lr']:.6g}); training stopped. The last good checkpoint in "
+            f"{self.args.output_dir} is untouched. Try a lower --lr, --precision fp32 or bf16, or a "
+            f"lower --teacher_temp.")
+
+    def train_one_epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
+        logger = utils.MetricLogger()
+        header = f"Epoch: [{epoch}/{self.args.epochs}]"
+        for index, (images, geometry, _) in enumerate(logger.log_every(loader, self.args.print_freq, header)):
+            logger.update(**self.step(images, geometry, epoch, epoch * len(loader) + index, index))
+        logger.synchronize_between_processes()
+        print("Averaged stats:", logger, flush=True)
+        return logger.global_averages()
+
+
+def checkpoint_state(trainer: Trainer, next_epoch: int) -> dict:
+    """DINO's checkpoint layout: student, teacher, optimizer, epoch (the next to run), args, dino_loss."""
+    state = {"student": trainer.student.state_dict(), "teacher": trainer.teacher.state_dict(),
+             "optimizer": trainer.optimizer.state_dict(), "epoch": next_epoch, "args": vars(trainer.args),
+             "dino_loss": trainer.loss_fn.state_dict()}
+    if trainer.scaler is not None:
+        state["fp16_scaler"] = trainer.scaler.state_dict()
+    return state
+
+
+def restore_checkpoint(path: Path, trainer: Trainer) -> int:
+    """Load a training checkpoint into the trainer; returns the epoch to start from (0 without one)."""
+    if not path.exists():
+        return 0
+    checkpoint = utils.load_checkpoint(path)
+    missing = [key for key in ("student", "teacher", "optimizer", "epoch", "dino_loss") if key not in checkpoint]
+    if missing:
+        raise RuntimeError(f"{path} is not a PW-Self training checkpoint (no {', '.join(missing)}); move it "
+                           "away or choose another --output_dir")
+    utils.load_state_strict(trainer.student_module, utils.strip_prefixes(checkpoint["student"]), "student", path)
+    utils.load_state_strict(trainer.teacher, utils.strip_prefixes(checkpoint["teacher"]), "teacher", path)
+    utils.load_state_strict(trainer.loss_fn, checkpoint["dino_loss"], "loss state (center)", path)
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    if trainer.scaler is not None and "fp16_scaler" in checkpoint:
+        trainer.scaler.load_state_dict(checkpoint["fp16_scaler"])
+    print(f"Resumed from {path}: next epoch {checkpoint['epoch']}", flush=True)
+    return int(checkpoint["epoch"])
+
+
+def build_loader(args: argparse.Namespace, generator: torch.Generator) -> DataLoader:
+    augmentation = MultiCropAugmentation(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
+                                         args.local_crops_number, args.global_crops_size, args.local_crops_size)
+    dataset = build_dataset(args.data_path, augmentation)
+    sampler = DistributedSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
+                                 shuffle=True, seed=args.seed)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_multicrop,
+                        generator=generator)
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} images give no full batch of {args.batch_size_per_gpu} per process "
+                         f"over {utils.get_world_size()} process(es); lower --batch_size_per_gpu")
+    print(f"Data: {len(dataset)} images in {args.data_path}, {len(loader)} iterations per epoch; {augmentation}")
+    return loader
+
+
+def build_trainer(args: argparse.Namespace, device: torch.device, iters_per_epoch: int) -> Trainer:
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    student, teacher = build_student_teacher(args)
+    if utils.is_distributed() and args.use_bn_in_head and device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    student, teacher = student.to(device), teacher.to(device)
+    teacher.load_state_dict(student.state_dict())
+    loss_fn = build_loss(args).to(device)
+    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
+    if utils.is_distributed():
+        student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast_dtype = resolve_precision(args.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    print(f"Student and teacher: {args.arch}/{args.patch_size}, {sum(p.numel() for p in student.parameters()):,} "
+          f"parameters; precision {autocast_dtype or torch.float32}; device {device}", flush=True)
+    return Trainer(args, student, teacher, loss_fn, optimizer, Schedules(args, iters_per_epoch), scaler,
+                   autocast_dtype, device)
+
+
+def seed_epoch(args: argparse.Namespace, epoch: int, loader: DataLoader, generator: torch.Generator) -> None:
+    """Make an epoch's data order and randomness a function of (seed, epoch, rank) alone.
+
+    This is what makes resuming exact: an epoch replays identically whether or not the run
+    was interrupted before it.
+    """
+    loader.sampler.set_epoch(epoch)
+    generator.manual_seed(utils.derived_seed(args.seed, epoch, utils.get_rank(), 0))  # worker seeds
+    torch.manual_seed(utils.derived_seed(args.seed, epoch, utils.get_rank(), 1))  # in-process draws
+
+
+def write_epoch_outputs(trainer: Trainer, output_dir: Path, epoch: int, train_stats: dict) -> None:
+    """Rank 0: checkpoint.pth (atomically), the periodic copy, and one JSON line in log.txt."""
+    if not utils.is_main_process():
+        return
+    state = checkpoint_state(trainer, epoch + 1)
+    utils.save_atomic(state, output_dir / "checkpoint.pth")
+    if trainer.args.saveckp_freq and (epoch + 1) % trainer.args.saveckp_freq == 0:
+        utils.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
+    with open(output_dir / "log.txt", "a") as log:
+        log.write(json.dumps({"epoch": epoch, **train_stats}) + "\n")
+
+
+def main(args: argparse.Namespace) -> Trainer:
+    """Train (or resume) and return the trainer holding the final student and teacher."""
+    validate_args(args)
+    device = utils.resolve_device(args.device)
+    utils.init_distributed(device)
+    output_dir = Path(args.output_dir)
+    if utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    print("\n".join(f"{name}: {value}" for name, value in sorted(vars(args).items())), flush=True)
+
+    generator = torch.Generator()
+    loader = build_loader(args, generator)
+    trainer = build_trainer(args, device, len(loader))
+    start_epoch = restore_checkpoint(output_dir / "checkpoint.pth", trainer)
+    if start_epoch >= args.epochs:
+        print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {start_epoch} of {args.epochs}.")
+        return trainer
+
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args, epoch, loader, generator)
+        train_stats = trainer.train_one_epoch(loader, epoch)
+        write_epoch_outputs(trainer, output_dir, epoch, train_stats)
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}", flush=True)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

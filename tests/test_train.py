@@ -1,0 +1,194 @@
+"""End-to-end training runs of a tiny model: outputs, exact resume, torchrun, bad input, real data."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import patch_wise_dino
+import utils
+from patch_wise_dino import get_args_parser, main
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+TINY_ARGS = ["--arch", "vit_tiny", "--patch_size", "4", "--embed_dim", "32", "--depth", "1", "--num_heads", "2",
+             "--out_dim", "64", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32",
+             "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "2",
+             "--batch_size_per_gpu", "4", "--warmup_epochs", "1", "--num_workers", "0", "--print_freq", "5",
+             "--device", "cpu"]
+
+
+def write_images(folder: Path, classes=("a", "b"), per_class=6, size=(40, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{index}.png")
+    return folder
+
+
+def parse(data, output, *extra):
+    return get_args_parser().parse_args(TINY_ARGS + ["--data_path", str(data), "--output_dir", str(output), *extra])
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_images(tmp_path / "data")
+
+
+def test_two_epoch_run_writes_outputs(image_folder, tmp_path, capsys):
+    output = tmp_path / "run"
+    main(parse(image_folder, output, "--epochs", "2", "--saveckp_freq", "1"))
+    assert sorted(p.name for p in output.iterdir()) == ["args.json", "checkpoint.pth", "checkpoint0000.pth",
+                                                        "checkpoint0001.pth", "log.txt"]
+    assert json.loads((output / "args.json").read_text())["arch"] == "vit_tiny"
+    lines = [json.loads(line) for line in (output / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    for key in ("loss", "loss_cls", "loss_patch", "lr", "wd", "teacher_temp", "matched_patches", "teacher_entropy"):
+        assert all(np.isfinite(line[key]) for line in lines), key
+    checkpoint = torch.load(output / "checkpoint.pth", weights_only=True)
+    assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["dino_loss"]["center"].shape == (1 + 16, 64)
+    assert "backbone.pos_embed" in checkpoint["teacher"] and "head.last_layer.weight_g" in checkpoint["teacher"]
+    assert not torch.equal(checkpoint["dino_loss"]["center"], torch.zeros(17, 64))  # the center moved
+    printed = capsys.readouterr().out
+    assert "eta:" in printed and "data:" in printed and "Averaged stats:" in printed
+
+
+def test_dino_baseline_run_and_flat_folder(tmp_path):
+    flat = tmp_path / "flat"
+    write_images(tmp_path / "tmp", classes=("x",))
+    (tmp_path / "tmp" / "x").rename(flat)
+    (flat / "notes.txt").write_text("not an image")
+    trainer = main(parse(flat, tmp_path / "run", "--epochs", "1", "--patch_loss", "false"))
+    assert trainer.loss_fn.center.shape == (1, 64)
+    line = json.loads((tmp_path / "run" / "log.txt").read_text())
+    assert "loss_patch" not in line and np.isfinite(line["loss_cls"])
+
+
+class StopAfterFirstEpoch(Exception):
+    pass
+
+
+def test_resume_is_exact(image_folder, tmp_path, monkeypatch):
+    uninterrupted = main(parse(image_folder, tmp_path / "full", "--epochs", "3")).teacher.state_dict()
+
+    original = patch_wise_dino.write_epoch_outputs
+
+    def write_then_stop(trainer, output_dir, epoch, stats):
+        original(trainer, output_dir, epoch, stats)
+        if epoch == 0:
+            raise StopAfterFirstEpoch
+
+    monkeypatch.setattr(patch_wise_dino, "write_epoch_outputs", write_then_stop)
+    with pytest.raises(StopAfterFirstEpoch):
+        main(parse(image_folder, tmp_path / "resumed", "--epochs", "3"))
+    monkeypatch.setattr(patch_wise_dino, "write_epoch_outputs", original)
+    resumed = main(parse(image_folder, tmp_path / "resumed", "--epochs", "3")).teacher.state_dict()
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+    log = (tmp_path / "resumed" / "log.txt").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
+    assert log == (tmp_path / "full" / "log.txt").read_text().splitlines()
+
+
+def test_finished_run_is_not_retrained(image_folder, tmp_path, capsys):
+    main(parse(image_folder, tmp_path / "run", "--epochs", "1"))
+    main(parse(image_folder, tmp_path / "run", "--epochs", "1"))
+    assert "Training already finished" in capsys.readouterr().out
+    assert len((tmp_path / "run" / "log.txt").read_text().splitlines()) == 1
+
+
+def test_bad_checkpoints_stop_with_clear_errors(image_folder, tmp_path):
+    output = tmp_path / "run"
+    main(parse(image_folder, output, "--epochs", "1"))
+    with pytest.raises(RuntimeError, match="does not fit the model"):
+        main(parse(image_folder, output, "--epochs", "2", "--embed_dim", "48"))
+    (output / "checkpoint.pth").write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot read checkpoint .*checkpoint.pth"):
+        main(parse(image_folder, output, "--epochs", "2"))
+    torch.save({"model": {}}, output / "checkpoint.pth")
+    with pytest.raises(RuntimeError, match="not a PW-Self training checkpoint"):
+        main(parse(image_folder, output, "--epochs", "2"))
+
+
+def test_bad_arguments_and_data_are_named(tmp_path, image_folder):
+    with pytest.raises(ValueError, match="--global_crops_size 18 is not a multiple of --patch_size 4"):
+        main(parse(image_folder, tmp_path / "run", "--global_crops_size", "18"))
+    with pytest.raises(ValueError, match="--data_path .* is not a folder"):
+        main(parse(tmp_path / "missing", tmp_path / "run"))
+    empty = tmp_path / "empty"
+    (empty / "class").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found"):
+        main(parse(empty, tmp_path / "run"))
+    with pytest.raises(ValueError, match="lower --batch_size_per_gpu"):
+        main(parse(image_folder, tmp_path / "run", "--batch_size_per_gpu", "64"))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        main(parse(image_folder, tmp_path / "run", "--precision", "fp16"))
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--data_path", ".", "--patch_loss", "maybe"])
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(image_folder, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    main(parse(image_folder, output, "--epochs", "1"))
+    before = (output / "checkpoint.pth").read_bytes()
+    monkeypatch.setattr(patch_wise_dino.PatchWiseDINOLoss, "pair_loss", lambda *args: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, iteration 0 \(loss_cls=.*lr="):
+        main(parse(image_folder, output, "--epochs", "2"))
+    assert (output / "checkpoint.pth").read_bytes() == before
+
+
+def test_torchrun_two_processes_keep_identical_teachers(image_folder, tmp_path, root):
+    output = tmp_path / "ddp"
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "import patch_wise_dino, utils\n"
+        "trainer = patch_wise_dino.main(patch_wise_dino.get_args_parser().parse_args(sys.argv[1:]))\n"
+        "torch.save(trainer.teacher.state_dict(), f'{trainer.args.output_dir}/teacher_rank{utils.get_rank()}.pt')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(launcher), *TINY_ARGS, "--data_path", str(image_folder), "--output_dir", str(output),
+               "--epochs", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = (torch.load(output / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    checkpoint = torch.load(output / "checkpoint.pth", weights_only=True)
+    assert any(key.startswith("module.backbone.") for key in checkpoint["student"])
+    assert "Data: 12 images" in result.stdout and "1 iterations per epoch" in result.stdout
+
+
+def read_fashion_mnist(count: int) -> np.ndarray:
+    """The first ``count`` training images of the Debian package's IDX file, ``[count, 28, 28]`` uint8."""
+    with gzip.open(FASHION_MNIST, "rb") as handle:
+        header = np.frombuffer(handle.read(16), dtype=">i4")
+        assert header[0] == 2051, "not an IDX image file"
+        return np.frombuffer(handle.read(count * 28 * 28), dtype=np.uint8).reshape(count, 28, 28)
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs the Debian package dataset-fashion-mnist")
+def test_loss_falls_on_fashion_mnist(tmp_path):
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for index, pixels in enumerate(read_fashion_mnist(256)):
+        Image.fromarray(pixels).resize((32, 32), Image.BICUBIC).save(data / f"{index:04}.png")
+    args = ["--arch", "vit_tiny", "--patch_size", "4", "--embed_dim", "64", "--depth", "2", "--num_heads", "2",
+            "--out_dim", "256", "--head_hidden_dim", "128", "--head_bottleneck_dim", "64",
+            "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2",
+            "--batch_size_per_gpu", "32", "--epochs", "4", "--warmup_epochs", "1", "--lr", "0.005",
+            "--momentum_teacher", "0.99", "--num_workers", "0", "--print_freq", "100", "--device", "cpu",
+            "--data_path", str(data), "--output_dir", str(tmp_path / "run")]
+    main(get_args_parser().parse_args(args))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    losses, patch_losses = [line["loss"] for line in log], [line["loss_patch"] for line in log]
+    assert losses[-1] < losses[0] and min(losses) < 0.92 * losses[0], losses
+    assert patch_losses[-1] < 0.92 * patch_losses[0], patch_losses

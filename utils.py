@@ -1,0 +1,331 @@
+"""Shared helpers: argument parsing, distributed set-up, schedules, optimisation, checkpoints, logging."""
+from __future__ import annotations
+
+import argparse
+import builtins
+import datetime
+import math
+import os
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments.
+# ----------------------------------------------------------------------------------------------
+def bool_flag(value: str) -> bool:
+    """argparse type for booleans written ``true``/``false`` (also on/off, yes/no, 1/0)."""
+    lowered = str(value).lower()
+    if lowered in {"true", "on", "yes", "1"}:
+        return True
+    if lowered in {"false", "off", "no", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up: torchrun (env://) or a single process.
+# ----------------------------------------------------------------------------------------------
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this process's GPU when CUDA is present, else the CPU."""
+    if name not in {"auto", "cuda", "cpu"}:
+        raise ValueError(f"unknown device {name!r}; choose auto, cuda or cpu")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the torchrun process group (nccl on CUDA, gloo on the CPU); no-op in a single process."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                            device_id=device if device.type == "cuda" else None)
+    dist.barrier()
+    silence_non_main_processes()
+
+
+def silence_non_main_processes() -> None:
+    """Only rank 0 prints, unless a call passes ``force=True`` (as in DINO)."""
+    builtin_print = builtins.print
+    is_main = dist.get_rank() == 0
+
+    def print_on_main(*args, force: bool = False, **kwargs):
+        if is_main or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_on_main
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over all processes (nothing to do in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A seed for (seed, epoch, rank, ...) combinations that never collide in practice."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules and optimisation.
+# ----------------------------------------------------------------------------------------------
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, iters_per_epoch: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """Per-iteration values: linear warm-up to ``base_value``, then cosine decay to ``final_value``.
+
+    Returns an array of ``epochs * iters_per_epoch`` values.
+    """
+    warmup_iters = min(warmup_epochs * iters_per_epoch, epochs * iters_per_epoch)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False) if warmup_iters else np.array([])
+    decay_iters = epochs * iters_per_epoch - warmup_iters
+    steps = np.arange(decay_iters)
+    decay = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(decay_iters, 1)))
+    return np.concatenate([warmup, decay])
+
+
+def get_params_groups(model: nn.Module) -> list[dict]:
+    """Two AdamW groups: matrices get weight decay; biases and norm parameters (1-D) get none."""
+    regularized, not_regularized = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (not_regularized if name.endswith(".bias") or parameter.ndim == 1 else regularized).append(parameter)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling; 1-D parameters skip decay and scaling."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                update = parameter.grad
+                if parameter.ndim > 1:
+                    update = update.add(parameter, alpha=group["weight_decay"])
+                    param_norm, update_norm = parameter.norm(), update.norm()
+                    trust = torch.where((param_norm > 0) & (update_norm > 0),
+                                        group["eta"] * param_norm / update_norm, torch.ones_like(param_norm))
+                    update = update.mul(trust)
+                buffer = self.state[parameter].setdefault("momentum_buffer", torch.zeros_like(parameter))
+                buffer.mul_(group["momentum"]).add_(update)
+                parameter.add_(buffer, alpha=-group["lr"])
+
+
+def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, SGD (momentum 0.9) or LARS; learning rate and weight decay are set every iteration."""
+    if name == "adamw":
+        return torch.optim.AdamW(params_groups)
+    if name == "sgd":
+        return torch.optim.SGD(params_groups, lr=0.0, momentum=0.9)
+    if name == "lars":
+        return LARS(params_groups)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or lars")
+
+
+def clip_gradients(model: nn.Module, clip: float) -> list[float]:
+    """Scale each parameter's gradient so that its own norm is at most ``clip`` (DINO's rule)."""
+    norms = []
+    for parameter in model.parameters():
+        if parameter.grad is None:
+            continue
+        norm = parameter.grad.detach().norm(2)
+        norms.append(norm)
+        parameter.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Drop the head's last-layer gradients during the first ``freeze_last_layer`` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, parameter in model.named_parameters():
+        if "last_layer" in name:
+            parameter.grad = None
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    if len(teacher_params) != len(student_params):
+        raise ValueError("teacher and student have different parameter lists")
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+def strip_prefixes(state_dict: dict, prefixes: Iterable[str] = ("module.",)) -> dict:
+    """Remove wrapper prefixes (``module.`` from DDP, ``backbone.``, ...) from state-dict keys."""
+    stripped = {}
+    for key, value in state_dict.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        stripped[key] = value
+    return stripped
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+# ----------------------------------------------------------------------------------------------
+def save_atomic(state: dict, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flush it to disk, then rename over ``path``.
+
+    A crash at any moment leaves either the previous file or the new one, never a partial file.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint dict on the CPU, or stop with an error that names the file and the fix."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for truncated or foreign files
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}. The file is "
+                           "corrupt or not a PyTorch checkpoint; move it away to start afresh, or point to "
+                           "a good one.") from error
+    if not isinstance(checkpoint, dict):
+        raise RuntimeError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def load_state_strict(module: nn.Module, state_dict: dict, what: str, path: str | Path) -> None:
+    """``load_state_dict(strict=True)``, turning any mismatch into one readable error."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise RuntimeError(f"the {what} in {path} does not fit the model built from the current arguments "
+                           f"(another --arch, --patch_size, --out_dim or head setting?):\n{error}") from error
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging.
+# ----------------------------------------------------------------------------------------------
+class SmoothedValue:
+    """A running series: the median and mean of a recent window, and the global mean."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.4g} ({global_avg:.4g})"):
+        self.window: deque[float] = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Make ``global_avg`` the mean over all processes (the window stays local)."""
+        if not is_distributed():
+            return
+        totals = torch.tensor([self.count, self.total], dtype=torch.float64,
+                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        all_reduce_sum(totals)
+        self.count, self.total = int(totals[0].item()), totals[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.window)) if self.window else float("nan")
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.window)) if self.window else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg)
+
+
+class MetricLogger:
+    """Collects named series and prints a progress line with ETA, step time and data time."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            self.meters[name].update(float(value))
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def global_averages(self) -> dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def log_every(self, iterable, print_freq: int, header: str = "") -> Iterator:
+        """Yield from ``iterable``, printing progress every ``print_freq`` items and at the end."""
+        total = len(iterable)
+        step_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        start = end = time.time()
+        width = len(str(total))
+        for index, item in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield item
+            step_time.update(time.time() - end)
+            if index % print_freq == 0 or index == total - 1:
+                eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - index - 1)))
+                memory = (f"  max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB"
+                          if torch.cuda.is_available() else "")
+                print(f"{header} [{index:>{width}}/{total}]  eta: {eta}  {self}  "
+                      f"time: {step_time}  data: {data_time}{memory}", flush=True)
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{header} total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)", flush=True)
