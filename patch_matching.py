@@ -151,8 +151,8 @@ def match_patches_batched(teacher_geometry: torch.Tensor, student_geometry: torc
         raise ValueError(f"teacher and student batches differ: {teacher.shape[0]} vs {student.shape[0]}")
     grid_s = _uniform_grid_side(student[:, 5], patch_size, "student")
     grid_t = _uniform_grid_side(teacher[:, 5], patch_size, "teacher")
-    match_fn = _centre_map if mode == "centre" else _upstream_map
-    patch_map = match_fn(teacher, student, grid_t, grid_s)
+    axis_fn = _centre_axis if mode == "centre" else _upstream_axis
+    patch_map = _patch_map(axis_fn, teacher, student, grid_t, grid_s)
     cls_column = torch.zeros_like(patch_map[:, :1])
     return torch.cat([cls_column, patch_map], dim=1)
 
@@ -173,16 +173,19 @@ def _uniform_grid_side(sizes: torch.Tensor, patch_size: int, role: str) -> int:
     return grid_side(size, patch_size)
 
 
-def _upstream_map(teacher: torch.Tensor, student: torch.Tensor, grid_t: int, grid_s: int) -> torch.Tensor:
-    """``[B, P_s * P_s]`` teacher token per student patch (or -1) under the upstream rule."""
-    row_t = _axis_correspondence(teacher[:, 0], teacher[:, 2], student[:, 0], student[:, 2],
-                                 torch.zeros_like(teacher[:, 4]), torch.zeros_like(student[:, 4]), grid_t, grid_s)
-    col_t = _axis_correspondence(teacher[:, 1], teacher[:, 3], student[:, 1], student[:, 3],
-                                 teacher[:, 4], student[:, 4], grid_t, grid_s)
+def _patch_map(axis_fn, teacher: torch.Tensor, student: torch.Tensor, grid_t: int, grid_s: int) -> torch.Tensor:
+    """``[B, P_s * P_s]`` teacher token per student patch (or -1), from a rule applied to each axis.
+
+    Rows never flip; columns carry each view's flip.
+    """
+    no_flip_t, no_flip_s = torch.zeros_like(teacher[:, 4]), torch.zeros_like(student[:, 4])
+    row_t = axis_fn(teacher[:, 0], teacher[:, 2], student[:, 0], student[:, 2], no_flip_t, no_flip_s, grid_t, grid_s)
+    col_t = axis_fn(teacher[:, 1], teacher[:, 3], student[:, 1], student[:, 3], teacher[:, 4], student[:, 4],
+                    grid_t, grid_s)
     return _combine_axes(row_t, col_t, grid_t)
 
 
-def _axis_correspondence(start_t, extent_t, start_s, extent_s, flipped_t, flipped_s, grid_t: int,
+def _upstream_axis(start_t, extent_t, start_s, extent_s, flipped_t, flipped_s, grid_t: int,
                          grid_s: int) -> torch.Tensor:
     """Along one axis: the teacher grid cell matched to each student grid cell, or -1.
 
@@ -235,15 +238,6 @@ def _combine_axes(row_t: torch.Tensor, col_t: torch.Tensor, grid_t: int) -> torc
     tokens = 1 + row_t[:, :, None] * grid_t + col_t[:, None, :]
     matched = (row_t[:, :, None] >= 0) & (col_t[:, None, :] >= 0)
     return torch.where(matched, tokens, torch.full_like(tokens, -1)).flatten(1)
-
-
-def _centre_map(teacher: torch.Tensor, student: torch.Tensor, grid_t: int, grid_s: int) -> torch.Tensor:
-    """``[B, P_s * P_s]`` teacher token per student patch (or -1) under the centre rule."""
-    row_t = _centre_axis(teacher[:, 0], teacher[:, 2], student[:, 0], student[:, 2],
-                         torch.zeros_like(teacher[:, 4]), torch.zeros_like(student[:, 4]), grid_t, grid_s)
-    col_t = _centre_axis(teacher[:, 1], teacher[:, 3], student[:, 1], student[:, 3],
-                         teacher[:, 4], student[:, 4], grid_t, grid_s)
-    return _combine_axes(row_t, col_t, grid_t)
 
 
 def _centre_axis(start_t, extent_t, start_s, extent_s, flipped_t, flipped_s, grid_t: int, grid_s: int) -> torch.Tensor:
