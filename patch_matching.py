@@ -186,7 +186,7 @@ def _patch_map(axis_fn, teacher: torch.Tensor, student: torch.Tensor, grid_t: in
 
 
 def _upstream_axis(start_t, extent_t, start_s, extent_s, flipped_t, flipped_s, grid_t: int,
-                         grid_s: int) -> torch.Tensor:
+                   grid_s: int) -> torch.Tensor:
     """Along one axis: the teacher grid cell matched to each student grid cell, or -1.
 
     Inputs are ``[B]`` float64; returns int64 ``[B, P_s]`` indexed by the student's grid cell
