@@ -31,7 +31,6 @@ from patch_matching import MATCHING_MODES, match_patches_batched
 from transforms_patch import MultiCropAugmentation, collate_multicrop
 from vision_transformer import DINOHead
 
-ARCHS = {"vit_tiny": vits.vit_tiny, "vit_small": vits.vit_small, "vit_base": vits.vit_base}
 NUM_GLOBAL_VIEWS = 2
 
 
@@ -39,14 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("PW-Self", add_help=False)
 
     group = parser.add_argument_group("model")
-    group.add_argument("--arch", default="vit_small", choices=sorted(ARCHS),
-                       help="Backbone. vit_small is the usual choice; vit_tiny trains fastest.")
-    group.add_argument("--patch_size", default=16, type=int,
-                       help="Side of a patch in pixels. Smaller patches give more tokens and better "
-                            "features at a quadratic cost in attention. Crop sizes must be multiples of it.")
-    group.add_argument("--embed_dim", default=None, type=int, help="Override the architecture's width (for tiny models).")
-    group.add_argument("--depth", default=None, type=int, help="Override the architecture's number of blocks.")
-    group.add_argument("--num_heads", default=None, type=int, help="Override the architecture's number of heads.")
+    vits.add_backbone_args(group)
     group.add_argument("--out_dim", default=65536, type=int,
                        help="Number of prototypes K of the DINO head. Large K (65536) suits ImageNet; "
                             "smaller data sets do well with a few thousand.")
@@ -225,22 +217,14 @@ def _consecutive_size_groups(views: list[torch.Tensor]) -> list[list[torch.Tenso
     return groups
 
 
-def build_backbone(args: argparse.Namespace, drop_path_rate: float = 0.0) -> vits.VisionTransformer:
-    """The ViT named by ``args`` (native size: the global crop size), with size overrides applied."""
-    overrides = {name: getattr(args, name) for name in ("embed_dim", "depth", "num_heads")
-                 if getattr(args, name, None) is not None}
-    return ARCHS[args.arch](patch_size=args.patch_size, img_size=args.global_crops_size,
-                            drop_path_rate=drop_path_rate, **overrides)
-
-
 def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (with drop-path) and teacher (a frozen copy of the student's weights)."""
     def head(width: int) -> DINOHead:
         return DINOHead(width, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer,
                         hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
 
-    student_backbone = build_backbone(args, args.drop_path_rate)
-    teacher_backbone = build_backbone(args)
+    student_backbone = vits.build_backbone(args, args.global_crops_size, args.drop_path_rate)
+    teacher_backbone = vits.build_backbone(args, args.global_crops_size)
     student = MultiCropWrapper(student_backbone, head(student_backbone.embed_dim), args.patch_loss)
     teacher = MultiCropWrapper(teacher_backbone, head(teacher_backbone.embed_dim), args.patch_loss)
     teacher.load_state_dict(student.state_dict())

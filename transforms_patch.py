@@ -188,3 +188,15 @@ def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, to
         raise ValueError("every sample of a batch must have the same number of views")
     images = [torch.stack([views[v] for views in views_per_sample]) for v in range(num_views)]
     return images, torch.stack(geometries), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def eval_transform(resize_size: int, crop_size: int) -> transforms.Compose:
+    """Evaluation preprocessing: bicubic resize of the shorter side, centre crop, normalise."""
+    if crop_size > resize_size:
+        raise ValueError(f"--crop_size {crop_size} cannot exceed --resize_size {resize_size}")
+    return transforms.Compose([
+        transforms.Resize(resize_size, interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])

@@ -230,3 +230,126 @@ def _init_linear(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building from arguments, and loading pretrained weights.
+# ----------------------------------------------------------------------------------------------
+ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+def add_backbone_args(parser) -> None:
+    """The arguments that define a backbone, shared by training and every evaluation script."""
+    parser.add_argument("--arch", default="vit_small", choices=sorted(ARCHS),
+                        help="Backbone: vit_small is the usual choice, vit_tiny the fastest. When "
+                             "evaluating, it must match the weights.")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="Patch side in pixels. Smaller patches give more tokens and better features at "
+                             "a quadratic attention cost; image and crop sides must be multiples of it.")
+    parser.add_argument("--embed_dim", default=None, type=int, help="Override the architecture's width (tiny models).")
+    parser.add_argument("--depth", default=None, type=int, help="Override the architecture's number of blocks.")
+    parser.add_argument("--num_heads", default=None, type=int, help="Override the architecture's number of heads.")
+
+
+def build_backbone(args, img_size: int = 224, drop_path_rate: float = 0.0) -> VisionTransformer:
+    """The ViT named by ``args.arch`` / ``args.patch_size`` with any size overrides in ``args``."""
+    overrides = {name: getattr(args, name) for name in ("embed_dim", "depth", "num_heads")
+                 if getattr(args, name, None) is not None}
+    return ARCHS[args.arch](patch_size=args.patch_size, img_size=img_size, drop_path_rate=drop_path_rate, **overrides)
+
+
+def backbone_state_dict(checkpoint: dict, checkpoint_key: str = "teacher") -> dict:
+    """The backbone weights inside a checkpoint, with wrapper prefixes and head weights removed.
+
+    Accepts a full training checkpoint (ours or DINO's: weights under ``checkpoint_key``), or a
+    backbone-only state dict in DINO or timm layout; strips ``module.`` and ``backbone.``.
+    """
+    if checkpoint_key in checkpoint and isinstance(checkpoint[checkpoint_key], dict):
+        checkpoint = checkpoint[checkpoint_key]
+    elif any(isinstance(value, dict) for value in checkpoint.values()):
+        nested = [key for key, value in checkpoint.items() if isinstance(value, dict)]
+        raise KeyError(f"no '{checkpoint_key}' weights in this checkpoint; it holds {nested}: pass one of "
+                       f"them with --checkpoint_key")
+    state = {}
+    for key, value in checkpoint.items():
+        for prefix in ("module.", "backbone."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        if not key.startswith(("head.", "fc_norm.")):  # DINO's projection head or timm's classifier
+            state[key] = value
+    return state
+
+
+def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key: str = "teacher") -> None:
+    """Load backbone weights strictly; a mismatch stops with the missing and unexpected keys.
+
+    Position embeddings learned for another native grid are resampled (bicubic) to the model's.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RuntimeError(f"cannot read weights {path}: {type(error).__name__}: {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise RuntimeError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint")
+    state = backbone_state_dict(checkpoint, checkpoint_key)
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        state["pos_embed"] = resample_pos_embed_tensor(state["pos_embed"], model.pos_embed.shape[1] - 1)
+    _raise_on_mismatch(model, state, path)
+    model.load_state_dict(state, strict=True)
+    print(f"Loaded {len(state)} backbone tensors from {path} (key '{checkpoint_key}')", flush=True)
+
+
+def resample_pos_embed_tensor(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """``[1, 1 + n^2, D]`` position embeddings resampled to ``[1, 1 + num_patches, D]`` (square grids)."""
+    old_side, new_side = math.isqrt(pos_embed.shape[1] - 1), math.isqrt(num_patches)
+    if old_side ** 2 != pos_embed.shape[1] - 1 or new_side ** 2 != num_patches:
+        raise ValueError(f"cannot resample position embeddings of {pos_embed.shape[1]} tokens to 1 + {num_patches}")
+    grid = pos_embed[:, 1:].float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    print(f"Resampled position embeddings from a {old_side}x{old_side} to a {new_side}x{new_side} grid", flush=True)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, num_patches, -1).to(pos_embed.dtype)], 1)
+
+
+def _raise_on_mismatch(model: nn.Module, state: dict, path: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+                   for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape]
+    if missing or unexpected or wrong_shape:
+        raise RuntimeError(
+            f"the weights in {path} do not fit this backbone (check --arch, --patch_size and size overrides):\n"
+            f"  missing keys ({len(missing)}): {_preview(missing)}\n"
+            f"  unexpected keys ({len(unexpected)}): {_preview(unexpected)}\n"
+            f"  shape mismatches ({len(wrong_shape)}): {_preview(wrong_shape)}")
+
+
+def _preview(items: list[str], limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def build_frozen_backbone(args, img_size: int) -> VisionTransformer:
+    """An evaluation backbone: pretrained weights from ``args.pretrained_weights`` or, with
+    ``args.random_init``, deliberately random ones; in eval mode without gradients."""
+    if bool(args.pretrained_weights) == bool(args.random_init):
+        raise ValueError("give either --pretrained_weights PATH or --random_init (a random-weights baseline); "
+                         "nothing is ever downloaded")
+    model = build_backbone(args, img_size=img_size)
+    if args.pretrained_weights:
+        load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
+    else:
+        print("Evaluating RANDOM weights (--random_init): a baseline, not a trained model", flush=True)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    return model
+
+
+def add_weights_args(parser) -> None:
+    """The arguments that pick evaluation weights."""
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="Weights to evaluate: our or DINO's training checkpoint, or a backbone-only "
+                             "state dict (DINO or timm layout).")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help="Which weights of a full checkpoint to use: teacher (usual) or student.")
+    parser.add_argument("--random_init", action="store_true",
+                        help="Evaluate randomly initialised weights instead (a baseline).")
