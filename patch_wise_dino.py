@@ -23,7 +23,6 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import utils
 import vision_transformer as vits
@@ -150,15 +149,11 @@ def validate_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 # Data.
 # ----------------------------------------------------------------------------------------------
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
-
-
 class FlatImageFolder(Dataset):
     """Every image file directly inside ``root`` (sorted by name), each with label 0."""
 
     def __init__(self, root: str | Path, transform=None):
-        self.files = sorted(p for p in Path(root).iterdir() if is_image_file(p))
+        self.files = utils.list_images(root)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -180,7 +175,7 @@ def build_dataset(data_path: str | Path, transform) -> Dataset:
     dataset = FlatImageFolder(root, transform)
     if not len(dataset):
         raise ValueError(f"no images found in {root}: expected class sub-folders of images (ImageFolder "
-                         f"layout) or image files ({', '.join(IMG_EXTENSIONS)}) directly inside it")
+                         f"layout) or image files ({', '.join(utils.IMAGE_EXTENSIONS)}) directly inside it")
     return dataset
 
 
@@ -293,11 +288,9 @@ class PatchWiseDINOLoss(nn.Module):
             ``matched_patches`` per view pair and sample, ``teacher_entropy``).
         """
         teacher_probs, teacher_entropy = self.teacher_distributions(teacher_logits, float(self.teacher_temps[epoch]))
-        scaled = [logits.float() / self.student_temp for logits in student_logits]
-        log_normalisers = [torch.logsumexp(s, dim=-1) for s in scaled]
         pair_losses, cls_means, patch_sums, patch_counts = [], [], [], []
         for (g, v), match in matches.items():
-            ce = pair_cross_entropy(teacher_probs[g], scaled[v], log_normalisers[v], match)
+            ce = MatchedCrossEntropy.apply(student_logits[v], teacher_probs[g], match, self.student_temp)
             patch_mask = (match[:, 1:] >= 0).to(ce.dtype)
             cls_means.append(ce[:, 0].mean())
             patch_sums.append((ce[:, 1:] * patch_mask).sum())
@@ -329,7 +322,7 @@ class PatchWiseDINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
         """``C <- m C + (1 - m) * mean over samples and global views`` per position, over all processes."""
-        batch_sum = torch.stack([logits.float().sum(0) for logits in teacher_logits]).sum(0)
+        batch_sum = torch.stack([logits.sum(0, dtype=torch.float32) for logits in teacher_logits]).sum(0)
         utils.all_reduce_sum(batch_sum)
         count = sum(len(logits) for logits in teacher_logits) * utils.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
@@ -351,23 +344,47 @@ class PatchWiseDINOLoss(nn.Module):
         }
 
 
-def pair_cross_entropy(teacher_probs: torch.Tensor, student_scaled: torch.Tensor, student_log_norm: torch.Tensor,
-                       match: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every student token against its matched teacher token.
+class MatchedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of every student token against the teacher token it is matched to.
 
-    ``-sum_k P[i, k] log softmax(s_j)_k = logsumexp(s_j) - sum_k P[i, k] s[j, k]`` because P sums to 1.
+    ``CE[b, j] = -sum_k P[b, m(b, j), k] log softmax(s[b, j] / tau)_k
+               = logsumexp(s[b, j] / tau) - sum_k P[b, m(b, j), k] s[b, j, k] / tau``  (P sums to 1).
 
-    Args:
-        teacher_probs: ``[B, T_g, K]``; student_scaled: logits over the student temperature ``[B, T_v, K]``;
-        student_log_norm: their logsumexp ``[B, T_v]``; match: ``[B, T_v]`` (-1 entries give
-        meaningless values that the caller masks out).
+    Memory: nothing of size ``[B, T, K]`` is kept for the backward pass beyond the student logits
+    and the teacher probabilities that exist anyway (shared by all view pairs); the float32
+    softmax and the gathered teacher rows are rebuilt transiently in ``backward``.
 
-    Returns:
-        ``[B, T_v]``.
+    Inputs: student logits ``[B, T_v, K]`` (any float dtype), teacher probabilities ``[B, T_g, K]``,
+    match ``[B, T_v]`` (-1 entries give values the caller must mask out), the student temperature.
+    Output: ``[B, T_v]`` in float32 (float64 for float64 inputs).
     """
-    index = match.clamp(min=0)[..., None].expand(-1, -1, teacher_probs.shape[-1])
-    matched_probs = torch.gather(teacher_probs, 1, index)
-    return student_log_norm - torch.linalg.vecdot(matched_probs, student_scaled)
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_probs, match, student_temp: float):
+        scaled = student_logits.to(_loss_dtype(student_logits)) / student_temp
+        log_norm = torch.logsumexp(scaled, dim=-1)
+        cross_entropy = log_norm - torch.linalg.vecdot(gather_tokens(teacher_probs, match), scaled)
+        ctx.save_for_backward(student_logits, teacher_probs, match, log_norm)
+        ctx.student_temp = student_temp
+        return cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student_logits, teacher_probs, match, log_norm = ctx.saved_tensors
+        scaled = student_logits.to(_loss_dtype(student_logits)) / ctx.student_temp
+        grad = scaled.sub_(log_norm[..., None]).exp_()  # the student softmax, in place
+        grad.sub_(gather_tokens(teacher_probs, match)).mul_(grad_output[..., None] / ctx.student_temp)
+        return grad.to(student_logits.dtype), None, None, None
+
+
+def _loss_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision logits, float64 stays float64."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, index[b, j]]`` for every ``b, j``: ``[B, T, K]`` and ``[B, J]`` -> ``[B, J, K]`` (-1 reads row 0)."""
+    return torch.gather(tokens, 1, index.clamp(min=0)[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
 def teacher_temperature_schedule(args: argparse.Namespace) -> np.ndarray:

@@ -31,6 +31,17 @@ def bool_flag(value: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Files.
+# ----------------------------------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside ``folder`` (by extension, case-insensitive), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun (env://) or a single process.
 # ----------------------------------------------------------------------------------------------
 def launched_by_torchrun() -> bool:

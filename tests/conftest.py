@@ -7,10 +7,44 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+PHOTOS = sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))
+TINY_ARGS = ["--arch", "vit_tiny", "--patch_size", "4", "--embed_dim", "32", "--depth", "1", "--num_heads", "2",
+             "--out_dim", "64", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32",
+             "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "2",
+             "--batch_size_per_gpu", "4", "--warmup_epochs", "1", "--num_workers", "0", "--print_freq", "5",
+             "--device", "cpu"]
+TINY_BACKBONE_ARGS = TINY_ARGS[:10]
+
+
+def write_images(folder: Path, classes=("a", "b"), per_class=6, size=(40, 32), seed=0) -> Path:
+    """Random RGB images in ``folder/<class>/<i>.png``."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{index}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint written by one epoch of the training script on a tiny model (16 px, patch 4)."""
+    import patch_wise_dino
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_images(root / "data", classes=("x", "y"), per_class=6, seed=7)
+    patch_wise_dino.main(patch_wise_dino.get_args_parser().parse_args(
+        TINY_ARGS + ["--data_path", str(data), "--output_dir", str(root / "run"), "--epochs", "1"]))
+    return root / "run" / "checkpoint.pth"
 
 
 @pytest.fixture

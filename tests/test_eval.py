@@ -11,23 +11,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import eval_knn
 import eval_linear
-import patch_wise_dino
 import vision_transformer as vits
 from eval_knn import knn_classifier
-from test_train import TINY_ARGS, write_images
+from conftest import TINY_BACKBONE_ARGS, write_images
 
-BACKBONE_ARGS = ["--arch", "vit_tiny", "--patch_size", "4", "--embed_dim", "32", "--depth", "1", "--num_heads", "2"]
+BACKBONE_ARGS = TINY_BACKBONE_ARGS
 EVAL_ARGS = BACKBONE_ARGS + ["--resize_size", "16", "--crop_size", "16", "--num_workers", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def dataset_and_checkpoint(tmp_path_factory):
+def dataset_and_checkpoint(tmp_path_factory, trained_checkpoint):
     root = tmp_path_factory.mktemp("eval")
     write_images(root / "data" / "train", classes=("cat", "dog", "owl"), per_class=5, seed=1)
     write_images(root / "data" / "val", classes=("cat", "dog", "owl"), per_class=3, seed=2)
-    patch_wise_dino.main(patch_wise_dino.get_args_parser().parse_args(
-        TINY_ARGS + ["--data_path", str(root / "data" / "train"), "--output_dir", str(root / "run"), "--epochs", "1"]))
-    return root / "data", root / "run" / "checkpoint.pth"
+    return root / "data", trained_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_vit_on_cuda_matches_cpu():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_training_runs_on_cuda(tmp_path, precision):
-    from test_train import TINY_ARGS, write_images
+    from conftest import TINY_ARGS, write_images
     import patch_wise_dino
 
     data = write_images(tmp_path / "data")

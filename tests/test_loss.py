@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import random_geometries
 from patch_matching import match_patches
-from patch_wise_dino import PatchWiseDINOLoss, compute_matches, view_pairs
+from patch_wise_dino import MatchedCrossEntropy, PatchWiseDINOLoss, compute_matches, view_pairs
 
 PATCH, GLOBAL, LOCAL, K = 8, 32, 16, 12
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
@@ -120,3 +120,23 @@ def test_wrong_teacher_shape_is_named():
     loss_fn = make_loss(center[:5])
     with pytest.raises(ValueError, match="global crop size, patch size or out_dim changed"):
         loss_fn(student, teacher, compute_matches(geometry, PATCH, "upstream", True), 0)
+
+
+def test_matched_cross_entropy_gradcheck():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 7, dtype=torch.float64, generator=generator).requires_grad_()
+    teacher_probs = torch.softmax(torch.randn(2, 4, 7, dtype=torch.float64, generator=generator), dim=-1)
+    match = torch.tensor([[0, 3, -1, 1, 1], [0, -1, 2, 2, 0]])
+    assert torch.autograd.gradcheck(lambda s: MatchedCrossEntropy.apply(s, teacher_probs, match, 0.1), (student,))
+    expected = -(teacher_probs.gather(1, match.clamp(min=0)[..., None].expand(-1, -1, 7))
+                 * torch.log_softmax(student / 0.1, dim=-1)).sum(-1)
+    torch.testing.assert_close(MatchedCrossEntropy.apply(student, teacher_probs, match, 0.1), expected)
+
+
+def test_matched_cross_entropy_keeps_half_precision_gradients():
+    student = torch.randn(2, 3, 8).bfloat16().requires_grad_()
+    teacher_probs = torch.softmax(torch.randn(2, 3, 8), dim=-1)
+    ce = MatchedCrossEntropy.apply(student, teacher_probs, torch.tensor([[0, 1, 2], [0, 2, -1]]), 0.1)
+    assert ce.dtype == torch.float32
+    ce.sum().backward()
+    assert student.grad.dtype == torch.bfloat16 and torch.isfinite(student.grad.float()).all()

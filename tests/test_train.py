@@ -12,25 +12,10 @@ import torch
 from PIL import Image
 
 import patch_wise_dino
-import utils
+from conftest import TINY_ARGS, write_images
 from patch_wise_dino import get_args_parser, main
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-TINY_ARGS = ["--arch", "vit_tiny", "--patch_size", "4", "--embed_dim", "32", "--depth", "1", "--num_heads", "2",
-             "--out_dim", "64", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32",
-             "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "2",
-             "--batch_size_per_gpu", "4", "--warmup_epochs", "1", "--num_workers", "0", "--print_freq", "5",
-             "--device", "cpu"]
-
-
-def write_images(folder: Path, classes=("a", "b"), per_class=6, size=(40, 32), seed=0):
-    rng = np.random.default_rng(seed)
-    for name in classes:
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / name / f"{index}.png")
-    return folder
 
 
 def parse(data, output, *extra):
