@@ -1,0 +1,165 @@
+"""Turn real datasets into the ImageFolder layout the scripts read.
+
+    python prepare_data.py --dataset fashion_mnist --output_dir data/fashion_mnist --limit_per_class 200
+    python prepare_data.py --dataset cifar10 --source ~/Downloads/cifar-10-python.tar.gz --output_dir data/cifar10
+
+Writes ``<output_dir>/train/<class>/<index>.png`` and ``<output_dir>/val/<class>/<index>.png``
+(the official test split becomes ``val``). Sources:
+
+* ``fashion_mnist``: the IDX files of the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``), or any folder holding ``train-images-idx3-ubyte.gz`` etc.
+* ``cifar10`` / ``cifar100``: the official python archives (``cifar-10-python.tar.gz``,
+  ``cifar-100-python.tar.gz``) or their extracted folders.
+
+Nothing is downloaded unless ``--download`` asks torchvision to fetch a missing source.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                         "bag", "ankle_boot")
+CIFAR_ARCHIVES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
+                  "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python")}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Prepare a dataset as train/<class>/*.png and val/<class>/*.png")
+    parser.add_argument("--dataset", required=True, choices=["fashion_mnist", "cifar10", "cifar100"],
+                        help="Which dataset to convert.")
+    parser.add_argument("--output_dir", required=True, type=Path, help="Where train/ and val/ are written.")
+    parser.add_argument("--source", default=None, type=Path,
+                        help="Raw files: the Fashion-MNIST IDX folder (default: the Debian package's), or the "
+                             "CIFAR python archive or its extracted folder (default: ./<archive name>).")
+    parser.add_argument("--limit_per_class", default=None, type=int,
+                        help="Keep at most this many images per class and split (quick subsets).")
+    parser.add_argument("--download", action="store_true",
+                        help="If the source is missing, let torchvision download it (needs the network).")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: each returns {split: (images [N, H, W] or [N, H, W, 3] uint8, labels [N])} and class names.
+# ----------------------------------------------------------------------------------------------
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """An IDX file (gzip-compressed): 2051 for images ``[N, rows, cols]``, 2049 for labels ``[N]``."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    magic, count = np.frombuffer(data[:8], dtype=">i4")
+    if magic != expected_magic:
+        raise ValueError(f"{path} is not an IDX file of the expected kind (magic {magic}, expected {expected_magic})")
+    if magic == 2051:
+        rows, cols = np.frombuffer(data[8:16], dtype=">i4")
+        return np.frombuffer(data[16:], dtype=np.uint8).reshape(count, rows, cols)
+    return np.frombuffer(data[8:], dtype=np.uint8)[:count]
+
+
+def read_fashion_mnist(source: Path):
+    splits = {}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        images = read_idx(source / f"{prefix}-images-idx3-ubyte.gz", 2051)
+        labels = read_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 2049)
+        splits[split] = (images, labels.astype(np.int64))
+    return splits, FASHION_MNIST_CLASSES
+
+
+def read_cifar(source: Path, dataset: str):
+    """Images ``[N, 32, 32, 3]`` from the python archive (``.tar.gz``) or its extracted folder."""
+    members = {"cifar10": (["data_batch_%d" % i for i in range(1, 6)], ["test_batch"], "batches.meta",
+                           b"labels", b"label_names"),
+               "cifar100": (["train"], ["test"], "meta", b"fine_labels", b"fine_label_names")}[dataset]
+    train_files, test_files, meta_file, label_key, names_key = members
+    load = _archive_loader(source, CIFAR_ARCHIVES[dataset][1])
+    splits = {}
+    for split, files in (("train", train_files), ("val", test_files)):
+        batches = [load(name) for name in files]
+        images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        splits[split] = (images, np.concatenate([b[label_key] for b in batches]).astype(np.int64))
+    names = [name.decode() for name in load(meta_file)[names_key]]
+    return splits, names
+
+
+def _archive_loader(source: Path, folder_name: str):
+    """A function ``member name -> unpickled dict`` reading from a tar.gz archive or a folder."""
+    if source.is_dir():
+        folder = source / folder_name if (source / folder_name).is_dir() else source
+        return lambda name: _unpickle((folder / name).read_bytes())
+    archive = tarfile.open(source, "r:gz")
+    return lambda name: _unpickle(archive.extractfile(f"{folder_name}/{name}").read())
+
+
+def _unpickle(data: bytes) -> dict:
+    return pickle.loads(data, encoding="bytes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources, and writing.
+# ----------------------------------------------------------------------------------------------
+def resolve_source(args: argparse.Namespace) -> Path:
+    """The raw data's location, downloaded first with ``--download``, or a clear error naming the fix."""
+    if args.dataset == "fashion_mnist":
+        source = args.source or FASHION_MNIST_DEBIAN
+        present = (source / "train-images-idx3-ubyte.gz").is_file()
+        fix = ("install the Debian package: sudo apt-get install dataset-fashion-mnist (or pass --source DIR "
+               "with the four *-ubyte.gz files, or --download)")
+    else:
+        source = args.source or Path(CIFAR_ARCHIVES[args.dataset][0])
+        present = source.exists()
+        fix = (f"download {CIFAR_ARCHIVES[args.dataset][0]} from the CIFAR page and pass --source PATH "
+               "(or --download to let torchvision fetch it)")
+    if present:
+        return source
+    if args.download:
+        return download(args.dataset, args.output_dir / "raw")
+    raise FileNotFoundError(f"{args.dataset} source {source} not found: {fix}")
+
+
+def download(dataset: str, root: Path) -> Path:
+    """Fetch the raw files with torchvision (network needed); returns the source to read."""
+    from torchvision import datasets
+
+    if dataset == "fashion_mnist":
+        datasets.FashionMNIST(str(root), train=True, download=True)
+        return root / "FashionMNIST" / "raw"
+    getattr(datasets, {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}[dataset])(str(root), download=True)
+    return root
+
+
+def write_split(images: np.ndarray, labels: np.ndarray, class_names, folder: Path, limit: int | None) -> int:
+    """PNG files ``folder/<class>/<index>.png``, at most ``limit`` per class; returns how many were written."""
+    written = 0
+    for label, name in enumerate(class_names):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        indices = np.flatnonzero(labels == label)[:limit]
+        for index in indices:
+            Image.fromarray(images[index]).save(folder / name / f"{index:05d}.png")
+        written += len(indices)
+    return written
+
+
+def main(args: argparse.Namespace) -> dict[str, int]:
+    """Convert; returns the number of images written per split."""
+    if args.limit_per_class is not None and args.limit_per_class <= 0:
+        raise ValueError(f"--limit_per_class must be positive, got {args.limit_per_class}")
+    source = resolve_source(args)
+    if args.dataset == "fashion_mnist":
+        splits, class_names = read_fashion_mnist(source)
+    else:
+        splits, class_names = read_cifar(source, args.dataset)
+    counts = {split: write_split(images, labels, class_names, args.output_dir / split, args.limit_per_class)
+              for split, (images, labels) in splits.items()}
+    print(f"{args.dataset}: wrote {counts['train']} train and {counts['val']} val images in "
+          f"{len(class_names)} classes to {args.output_dir}")
+    return counts
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

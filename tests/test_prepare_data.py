@@ -1,0 +1,98 @@
+"""prepare_data.py on miniature Fashion-MNIST (IDX) and CIFAR (python archive) files made here."""
+import gzip
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import prepare_data
+
+
+def write_idx(path, array):
+    magic = 2051 if array.ndim == 3 else 2049
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def mini_fashion_mnist(tmp_path):
+    rng = np.random.default_rng(0)
+    source = tmp_path / "fmnist"
+    source.mkdir()
+    for prefix, count in (("train", 30), ("t10k", 12)):
+        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return source
+
+
+def parse(*argv):
+    return prepare_data.get_args_parser().parse_args(list(argv))
+
+
+def test_fashion_mnist_to_image_folders(mini_fashion_mnist, tmp_path):
+    out = tmp_path / "out"
+    counts = prepare_data.main(parse("--dataset", "fashion_mnist", "--source", str(mini_fashion_mnist),
+                                     "--output_dir", str(out), "--limit_per_class", "2"))
+    assert counts == {"train": 20, "val": 12}
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(prepare_data.FASHION_MNIST_CLASSES)
+    first = out / "train" / "tshirt_top" / "00000.png"
+    with gzip.open(mini_fashion_mnist / "train-images-idx3-ubyte.gz") as handle:
+        expected = np.frombuffer(handle.read()[16:16 + 784], dtype=np.uint8).reshape(28, 28)
+    assert np.array_equal(np.asarray(Image.open(first)), expected)
+    assert len(list((out / "val" / "bag").iterdir())) == 1  # labels 8 of 12 test images
+
+
+def cifar_batch(rng, count, label_key, num_classes):
+    return {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            label_key: list(np.arange(count) % num_classes)}
+
+
+def write_tar_member(archive, name, obj):
+    data = pickle.dumps(obj)
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_archive_to_image_folders(tmp_path, dataset):
+    rng = np.random.default_rng(1)
+    archive_name, folder = prepare_data.CIFAR_ARCHIVES[dataset]
+    path = tmp_path / archive_name
+    with tarfile.open(path, "w:gz") as archive:
+        if dataset == "cifar10":
+            for i in range(1, 6):
+                write_tar_member(archive, f"{folder}/data_batch_{i}", cifar_batch(rng, 4, b"labels", 10))
+            write_tar_member(archive, f"{folder}/test_batch", cifar_batch(rng, 10, b"labels", 10))
+            write_tar_member(archive, f"{folder}/batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+        else:
+            write_tar_member(archive, f"{folder}/train", cifar_batch(rng, 40, b"fine_labels", 100))
+            write_tar_member(archive, f"{folder}/test", cifar_batch(rng, 10, b"fine_labels", 100))
+            write_tar_member(archive, f"{folder}/meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)]})
+    out = tmp_path / "out"
+    counts = prepare_data.main(parse("--dataset", dataset, "--source", str(path), "--output_dir", str(out)))
+    assert counts == ({"train": 20, "val": 10} if dataset == "cifar10" else {"train": 40, "val": 10})
+    first = next((out / "train" / ("c0" if dataset == "cifar10" else "f0")).iterdir())
+    image = np.asarray(Image.open(first))
+    assert image.shape == (32, 32, 3)
+    # The first training image: channel-planar bytes -> height x width x RGB.
+    with tarfile.open(path) as archive:
+        member = "data_batch_1" if dataset == "cifar10" else "train"
+        raw = pickle.loads(archive.extractfile(f"{folder}/{member}").read(), encoding="bytes")[b"data"][0]
+    assert np.array_equal(np.asarray(Image.open(out / "train" / first.parent.name / "00000.png")),
+                          raw.reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_missing_sources_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        prepare_data.main(parse("--dataset", "fashion_mnist", "--source", str(tmp_path / "none"),
+                                "--output_dir", str(tmp_path / "out")))
+    with pytest.raises(FileNotFoundError, match="cifar-100-python.tar.gz"):
+        prepare_data.main(parse("--dataset", "cifar100", "--source", str(tmp_path / "none.tar.gz"),
+                                "--output_dir", str(tmp_path / "out")))
+    with pytest.raises(ValueError, match="--limit_per_class"):
+        prepare_data.main(parse("--dataset", "cifar10", "--output_dir", str(tmp_path), "--limit_per_class", "0"))
