@@ -45,8 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topk", default=20, type=int, help="Results retrieved per query.")
     parser.add_argument("--batch_size_per_gpu", default=16, type=int, help="Images per forward pass.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                        help="auto: this process's GPU when CUDA is available, else the CPU.")
+    utils.add_device_arg(parser)
     parser.add_argument("--output_dir", default=".", type=str, help="Where copydays.json is written.")
     return parser
 

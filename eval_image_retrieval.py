@@ -47,8 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Average features over scales 1, 1/sqrt(2) and 1/2 (then re-normalise).")
     parser.add_argument("--use_faiss", action="store_true", help="Rank the database with faiss (exact).")
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                        help="auto: this process's GPU when CUDA is available, else the CPU.")
+    utils.add_device_arg(parser)
     parser.add_argument("--output_dir", default=".", type=str, help="Where retrieval_<dataset>.json is written.")
     return parser
 

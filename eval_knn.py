@@ -41,8 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", default=0.07, type=float, help="T in the vote weight exp(sim / T).")
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process and forward pass.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                        help="auto: this process's GPU when CUDA is available, else the CPU.")
+    utils.add_device_arg(parser)
     parser.add_argument("--use_faiss", action="store_true",
                         help="Search neighbours with faiss (exact inner product) instead of a torch matrix "
                              "product; same answers, less memory for large training sets.")

@@ -61,8 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head_weights", default="", type=str,
                         help="Heads to evaluate with --evaluate (default: <output_dir>/linear_checkpoint.pth).")
     parser.add_argument("--seed", default=0, type=int, help="Seed of head initialisation and data order.")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                        help="auto: this process's GPU when CUDA is available, else the CPU.")
+    utils.add_device_arg(parser)
     return parser
 
 

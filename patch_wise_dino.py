@@ -110,8 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Keep checkpoint{epoch:04}.pth every this many epochs (0: never).")
     group.add_argument("--seed", default=0, type=int, help="Seed of initialisation, data order and augmentation.")
     group.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
-    group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                       help="auto: this process's GPU when CUDA is available, else the CPU.")
+    utils.add_device_arg(group)
     group.add_argument("--print_freq", default=10, type=int, help="Print a progress line every this many iterations.")
     parser.add_argument("-h", "--help", action="help", help="Show this message and exit.")
     return parser

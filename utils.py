@@ -48,6 +48,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def add_device_arg(parser) -> None:
+    """``--device {auto,cuda,cpu}``, shared by every script."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto: this process's GPU when CUDA is available, else the CPU.")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> this process's GPU when CUDA is present, else the CPU."""
     if name not in {"auto", "cuda", "cpu"}:

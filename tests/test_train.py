@@ -177,3 +177,12 @@ def test_loss_falls_on_fashion_mnist(tmp_path):
     losses, patch_losses = [line["loss"] for line in log], [line["loss_patch"] for line in log]
     assert losses[-1] < losses[0] and min(losses) < 0.92 * losses[0], losses
     assert patch_losses[-1] < 0.92 * patch_losses[0], patch_losses
+
+
+@pytest.mark.parametrize("extra", [["--optimizer", "sgd"], ["--optimizer", "lars"], ["--matching", "centre"],
+                                   ["--cls_weight", "0.9"], ["--local_crops_number", "0"],
+                                   ["--use_bn_in_head", "true", "--norm_last_layer", "false"]])
+def test_training_options_run(image_folder, tmp_path, extra):
+    trainer = main(parse(image_folder, tmp_path / "run", "--epochs", "1", *extra))
+    line = json.loads((tmp_path / "run" / "log.txt").read_text())
+    assert np.isfinite(line["loss"]) and trainer.args.epochs == 1

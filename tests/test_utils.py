@@ -1,0 +1,120 @@
+"""Shared helpers: schedules, parameter groups, optimisers, clipping, EMA, atomic saves, arguments."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import utils
+
+
+def test_cosine_scheduler_warmup_and_decay():
+    schedule = utils.cosine_scheduler(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
+    assert len(schedule) == 20
+    np.testing.assert_allclose(schedule[:5], [0.0, 0.2, 0.4, 0.6, 0.8])
+    assert schedule[5] == pytest.approx(1.0)
+    steps = np.arange(15)
+    np.testing.assert_allclose(schedule[5:], 0.1 + 0.45 * (1 + np.cos(np.pi * steps / 15)))
+    assert np.all(np.diff(schedule[5:]) < 0)
+    no_warmup = utils.cosine_scheduler(0.04, 0.4, epochs=2, iters_per_epoch=3)
+    assert no_warmup[0] == pytest.approx(0.04) and no_warmup[-1] < 0.4
+
+
+def test_params_groups_exclude_biases_norms_and_frozen():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    model[2].weight.requires_grad = False
+    regularized, not_regularized = utils.get_params_groups(model)
+    assert [p.shape for p in regularized["params"]] == [(3, 4)]
+    assert len(not_regularized["params"]) == 4 and not_regularized["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
+def test_optimizers_minimise_a_quadratic(name):
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(5, 5))
+    bias = nn.Parameter(torch.randn(5))
+    optimizer = utils.build_optimizer(name, [{"params": [weight]}, {"params": [bias], "weight_decay": 0.0}])
+    for group in optimizer.param_groups:  # LARS scales only matrices' steps (by eta * |w| / |g|)
+        group["lr"] = 5.0 if name == "lars" and group["params"][0].ndim > 1 else 0.05
+        group.setdefault("weight_decay", 0.0)
+    start = (weight.square().sum() + bias.square().sum()).item()
+    for _ in range(50):
+        optimizer.zero_grad()
+        (weight.square().sum() + bias.square().sum()).backward()
+        optimizer.step()
+    assert (weight.square().sum() + bias.square().sum()).item() < 0.5 * start
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        utils.build_optimizer("adagrad", [{"params": [weight]}])
+
+
+def test_clip_gradients_per_parameter_and_last_layer_freeze():
+    model = nn.Sequential(nn.Linear(3, 3))
+    model[0].weight.grad = torch.full((3, 3), 10.0)  # norm 30
+    model[0].bias.grad = torch.full((3,), 0.1)  # norm ~0.17, untouched
+    utils.clip_gradients(model, 3.0)
+    assert model[0].weight.grad.norm().item() == pytest.approx(3.0, rel=1e-4)
+    torch.testing.assert_close(model[0].bias.grad, torch.full((3,), 0.1))
+
+    class WithLastLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.last_layer = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    head = WithLastLayer()
+    for parameter in head.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    utils.cancel_gradients_last_layer(0, head, freeze_last_layer=1)
+    assert head.last_layer.weight.grad is None and head.body.weight.grad is not None
+    head.last_layer.weight.grad = torch.ones(2, 2)
+    utils.cancel_gradients_last_layer(1, head, freeze_last_layer=1)
+    assert head.last_layer.weight.grad is not None
+
+
+def test_ema_update():
+    teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
+    expected = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]
+    utils.ema_update(teacher, student, 0.9)
+    for parameter, value in zip(teacher.parameters(), expected):
+        torch.testing.assert_close(parameter.detach(), value)
+
+
+def test_save_atomic_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    utils.save_atomic({"epoch": 1}, path)
+    assert utils.load_checkpoint(path) == {"epoch": 1}
+
+    def failing_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(utils.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        utils.save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temporary left behind
+
+
+def test_bool_flag_and_seeds_and_images(tmp_path):
+    assert utils.bool_flag("True") and utils.bool_flag("on") and not utils.bool_flag("false")
+    with pytest.raises(argparse.ArgumentTypeError):
+        utils.bool_flag("perhaps")
+    seeds = {utils.derived_seed(0, epoch, rank) for epoch in range(20) for rank in range(8)}
+    assert len(seeds) == 160 and all(0 <= s < 2 ** 63 for s in seeds)
+    for name in ("b.PNG", "a.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "folder.jpg").mkdir()
+    assert [p.name for p in utils.list_images(tmp_path)] == ["a.jpg", "b.PNG"]
+
+
+def test_metric_logger_prints_progress(capsys):
+    logger = utils.MetricLogger()
+    for value in logger.log_every(range(5), 2, "Test:"):
+        logger.update(loss=float(value))
+    printed = capsys.readouterr().out
+    assert printed.count("eta:") == 3 and "[4/5]" in printed and "Test: total time" in printed
+    assert "loss: 2 (2)" in printed.splitlines()[2]  # median and mean of 0..4
+    assert logger.global_averages() == {"loss": 2.0}
+    assert math.isnan(utils.SmoothedValue().median)
