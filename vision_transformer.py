@@ -333,7 +333,9 @@ def build_frozen_backbone(args, img_size: int) -> VisionTransformer:
     if bool(args.pretrained_weights) == bool(args.random_init):
         raise ValueError("give either --pretrained_weights PATH or --random_init (a random-weights baseline); "
                          "nothing is ever downloaded")
-    model = build_backbone(args, img_size=img_size)
+    with torch.random.fork_rng():  # the random baseline is the same in every run (seed 0)
+        torch.manual_seed(0)
+        model = build_backbone(args, img_size=img_size)
     if args.pretrained_weights:
         load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
     else:

@@ -224,3 +224,9 @@ def test_knn_under_torchrun_matches_one_process(dataset_and_checkpoint, tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     distributed = final_line(result.stdout)["results"]
     assert {int(k): v for k, v in distributed.items()} == single
+
+
+def test_random_init_baseline_is_reproducible():
+    args = eval_knn.get_args_parser().parse_args(EVAL_ARGS + ["--random_init"])
+    first, second = vits.build_frozen_backbone(args, 16), vits.build_frozen_backbone(args, 16)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
