@@ -108,7 +108,8 @@ def protocol_ground_truth(gnd: list[dict], protocol: str) -> list[dict]:
     chosen = []
     for entry in gnd:
         easy, hard, junk = (list(entry.get(key, [])) for key in ("easy", "hard", "junk"))
-        ok, ignored = {"easy": (easy, junk + hard), "medium": (easy + hard, junk), "hard": (hard, junk + easy)}[protocol]
+        ok, ignored = {"easy": (easy, junk + hard), "medium": (easy + hard, junk),
+                       "hard": (hard, junk + easy)}[protocol]
         chosen.append({"ok": np.asarray(ok, dtype=np.int64), "junk": np.asarray(ignored, dtype=np.int64)})
     return chosen
 

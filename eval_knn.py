@@ -207,7 +207,8 @@ def main(args: argparse.Namespace) -> dict:
                                     test_labels, k, args.temperature, num_classes, use_faiss=args.use_faiss)
         results[k] = {"top1": top1, "top5": top5}
         print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
-    print("FINAL " + json.dumps({"eval": "knn", "weights": args.pretrained_weights or "random_init", "results": results}))
+    weights = args.pretrained_weights or args.load_features or "random_init"
+    print("FINAL " + json.dumps({"eval": "knn", "weights": weights, "results": results}))
     return results
 
 

@@ -97,7 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Area range of the two global crops relative to the image.")
     group.add_argument("--global_crops_size", default=224, type=int,
                        help="Side of the global views in pixels; also the backbone's native size.")
-    group.add_argument("--local_crops_number", default=8, type=int, help="Number of local views (0: global views only).")
+    group.add_argument("--local_crops_number", default=8, type=int,
+                       help="Number of local views (0: global views only).")
     group.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
                        help="Area range of the local crops relative to the image.")
     group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local views in pixels.")
@@ -120,9 +121,11 @@ def validate_args(args: argparse.Namespace) -> None:
     """Stop early, with the fix named, on arguments that cannot work."""
     problems = []
     if args.global_crops_size % args.patch_size:
-        problems.append(f"--global_crops_size {args.global_crops_size} is not a multiple of --patch_size {args.patch_size}")
+        problems.append(f"--global_crops_size {args.global_crops_size} is not a multiple of "
+                        f"--patch_size {args.patch_size}")
     if args.local_crops_number > 0 and args.local_crops_size % args.patch_size:
-        problems.append(f"--local_crops_size {args.local_crops_size} is not a multiple of --patch_size {args.patch_size}")
+        problems.append(f"--local_crops_size {args.local_crops_size} is not a multiple of "
+                        f"--patch_size {args.patch_size}")
     for name in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "print_freq", "global_crops_size",
                  "local_crops_size", "head_hidden_dim", "head_bottleneck_dim"):
         if getattr(args, name) <= 0:
@@ -235,7 +238,8 @@ def view_pairs(num_views: int) -> list[tuple[int, int]]:
     return [(g, v) for g in range(NUM_GLOBAL_VIEWS) for v in range(num_views) if v != g]
 
 
-def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str, patch_loss: bool) -> dict[tuple[int, int], torch.Tensor]:
+def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str,
+                    patch_loss: bool) -> dict[tuple[int, int], torch.Tensor]:
     """Teacher token per student token for every view pair, on the geometry's device.
 
     Args:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import builtins
 import datetime
-import math
 import os
 import time
 from collections import defaultdict, deque

@@ -104,7 +104,9 @@ def test_batched_agrees_with_reference_on_random_geometries(mode, patch_size):
     _assert_batched_agrees(locals_, globals_a, patch_size, mode)  # student larger than teacher
 
 
-def _augmentation_geometries(count, size, scale, image=Image.new("RGB", (256, 256))):
+def _augmentation_geometries(count, size, scale):
+    """``[count, 6]`` geometries drawn by the training crop and flip on a 256 x 256 image."""
+    image = Image.new("RGB", (256, 256))
     crop, flip = RandomResizedCropWithGeometry(size, scale=scale), RandomHorizontalFlipWithGeometry()
     return torch.stack([flip(*crop(image))[1].to_tensor() for _ in range(count)])
 
