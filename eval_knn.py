@@ -49,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Save the extracted features and labels to this folder.")
     parser.add_argument("--load_features", default="", type=str,
                         help="Load features saved by --dump_features instead of running a model.")
+    parser.add_argument("--output_json", default="", type=str, help="Also write the results to this JSON file.")
     return parser
 
 
@@ -207,8 +208,12 @@ def main(args: argparse.Namespace) -> dict:
                                     test_labels, k, args.temperature, num_classes, use_faiss=args.use_faiss)
         results[k] = {"top1": top1, "top5": top5}
         print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
-    weights = args.pretrained_weights or args.load_features or "random_init"
-    print("FINAL " + json.dumps({"eval": "knn", "weights": weights, "results": results}))
+    summary = {"eval": "knn", "weights": args.pretrained_weights or args.load_features or "random_init",
+               "results": results}
+    if args.output_json and utils.is_main_process():
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
+    print("FINAL " + json.dumps(summary))
     return results
 
 

@@ -1,0 +1,46 @@
+# make demo : PW-Self end to end on the CPU (set-up, real data, training, k-NN vs random init,
+#             patch-matching figure, training curves), in about a quarter of an hour on 2 cores.
+# make test : the test suite (set-up included); .ci/run calls it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := demo_output
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+ARCH := --arch vit_tiny --patch_size 8 --embed_dim 96 --depth 3 --num_heads 3
+EVAL := $(ARCH) --data_path $(DEMO)/data --resize_size 32 --crop_size 32 --num_workers 2 --device cpu
+
+.PHONY: setup test demo fashion-mnist clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+fashion-mnist: $(FMNIST)
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', then make demo again"; exit 1; \
+	fi
+
+demo: setup fashion-mnist
+	$(PY) prepare_data.py --dataset fashion_mnist --output_dir $(DEMO)/data --limit_per_class 200
+	$(PY) patch_wise_dino.py $(ARCH) --data_path $(DEMO)/data/train --output_dir $(DEMO)/train --device cpu \
+		--out_dim 512 --head_hidden_dim 256 --head_bottleneck_dim 64 --global_crops_size 32 \
+		--local_crops_size 16 --local_crops_number 4 --batch_size_per_gpu 64 --epochs 30 --warmup_epochs 4 \
+		--lr 0.002 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --num_workers 2 --print_freq 100
+	$(PY) eval_knn.py --pretrained_weights $(DEMO)/train/checkpoint.pth $(EVAL) --output_json $(DEMO)/knn_trained.json
+	$(PY) eval_knn.py --random_init $(EVAL) --output_json $(DEMO)/knn_random.json
+	$(PY) patch_matching.py --output $(DEMO)/result.png
+	$(PY) demo_report.py --run_dir $(DEMO)/train --trained $(DEMO)/knn_trained.json \
+		--random $(DEMO)/knn_random.json --output $(DEMO)/training_curves.png
+
+clean-demo:
+	rm -rf $(DEMO)

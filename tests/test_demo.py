@@ -1,0 +1,39 @@
+"""The Makefile's targets and the demo report."""
+import json
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+import demo_report
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_targets_list_their_steps(root):
+    demo = subprocess.run(["make", "-n", "demo"], cwd=root, capture_output=True, text=True, check=True).stdout
+    steps = ["prepare_data.py", "patch_wise_dino.py", "eval_knn.py --pretrained_weights", "eval_knn.py --random_init",
+             "patch_matching.py", "demo_report.py"]
+    positions = [demo.find(step) for step in steps]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), demo
+    test = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert "-m pytest -q" in test
+
+
+def test_demo_report_prints_comparison_and_plots(tmp_path, capsys):
+    run = tmp_path / "train"
+    run.mkdir()
+    (run / "log.txt").write_text("\n".join(json.dumps({"epoch": e, "loss": 5.0 - e, "loss_cls": 4.0, "loss_patch": 5.2 - e})
+                                           for e in range(3)) + "\n")
+    results = {"trained": {"20": {"top1": 71.5, "top5": 95.0}}, "random": {"20": {"top1": 58.25, "top5": 91.0}}}
+    for name, values in results.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"results": values}))
+    args = demo_report.get_args_parser().parse_args(
+        ["--run_dir", str(run), "--trained", str(tmp_path / "trained.json"), "--random", str(tmp_path / "random.json"),
+         "--output", str(tmp_path / "curves.png")])
+    table = demo_report.main(args)
+    assert "71.50" in table and "58.25" in table and "trained top-1" in capsys.readouterr().out
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.format == "PNG" and image.width >= 400
+    with pytest.raises(FileNotFoundError, match="log.txt not found"):
+        demo_report.read_log(tmp_path / "missing" / "log.txt")
