@@ -242,17 +242,17 @@ def save_atomic(state: dict, path: str | Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint dict on the CPU, or stop with an error that names the file and the fix."""
+def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
+    """Load a checkpoint (or state) dict on the CPU, or stop with an error that names the file and the fix."""
     path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for truncated or foreign files
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}. The file is "
+        raise RuntimeError(f"cannot read {what} {path}: {type(error).__name__}: {error}. The file is "
                            "corrupt or not a PyTorch checkpoint; move it away to start afresh, or point to "
                            "a good one.") from error
     if not isinstance(checkpoint, dict):
-        raise RuntimeError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+        raise RuntimeError(f"{path} holds a {type(checkpoint).__name__}, not a {what} dict")
     return checkpoint
 
 

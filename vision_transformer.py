@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
+import utils
+
 __all__ = ["VisionTransformer", "DINOHead", "WeightNormLinear", "vit_tiny", "vit_small", "vit_base"]
 
 
@@ -270,13 +272,9 @@ def backbone_state_dict(checkpoint: dict, checkpoint_key: str = "teacher") -> di
         nested = [key for key, value in checkpoint.items() if isinstance(value, dict)]
         raise KeyError(f"no '{checkpoint_key}' weights in this checkpoint; it holds {nested}: pass one of "
                        f"them with --checkpoint_key")
-    state = {}
-    for key, value in checkpoint.items():
-        for prefix in ("module.", "backbone."):
-            key = key[len(prefix):] if key.startswith(prefix) else key
-        if not key.startswith(("head.", "fc_norm.")):  # DINO's projection head or timm's classifier
-            state[key] = value
-    return state
+    stripped = utils.strip_prefixes(checkpoint, ("module.", "backbone."))
+    # Drop DINO's projection head and timm's classifier.
+    return {key: value for key, value in stripped.items() if not key.startswith(("head.", "fc_norm."))}
 
 
 def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key: str = "teacher") -> None:
@@ -284,13 +282,7 @@ def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key:
 
     Position embeddings learned for another native grid are resampled (bicubic) to the model's.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise RuntimeError(f"cannot read weights {path}: {type(error).__name__}: {error}") from error
-    if not isinstance(checkpoint, dict):
-        raise RuntimeError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint")
-    state = backbone_state_dict(checkpoint, checkpoint_key)
+    state = backbone_state_dict(utils.load_checkpoint(path, what="weights"), checkpoint_key)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         state["pos_embed"] = resample_pos_embed_tensor(state["pos_embed"], model.pos_embed.shape[1] - 1)
     _raise_on_mismatch(model, state, path)
