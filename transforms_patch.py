@@ -179,7 +179,7 @@ def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, to
     Returns:
         images: list of ``V`` tensors ``[B, 3, S_v, S_v]``, one per view;
         geometry: float64 ``[B, V, 6]``;
-        labels: int64 ``[B]``.
+        labels: int64 ``[B]`` (any per-sample integer: training passes counts of skipped images).
     """
     samples, labels = zip(*batch)
     views_per_sample, geometries = zip(*samples)

@@ -93,8 +93,10 @@ def test_finished_run_is_not_retrained(image_folder, tmp_path, capsys):
 def test_bad_checkpoints_stop_with_clear_errors(image_folder, tmp_path):
     output = tmp_path / "run"
     main(parse(image_folder, output, "--epochs", "1"))
-    with pytest.raises(RuntimeError, match="does not fit the model"):
+    with pytest.raises(ValueError, match=r"other settings .*\n  --embed_dim: checkpoint 32, now 48\n"):
         main(parse(image_folder, output, "--epochs", "2", "--embed_dim", "48"))
+    with pytest.raises(RuntimeError, match="does not fit the model"):
+        main(parse(image_folder, output, "--epochs", "1", "--embed_dim", "48", "--allow_args_change"))
     (output / "checkpoint.pth").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(RuntimeError, match="cannot read checkpoint .*checkpoint.pth"):
         main(parse(image_folder, output, "--epochs", "2"))
@@ -126,7 +128,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(image_folder, tmp_path, monk
     before = (output / "checkpoint.pth").read_bytes()
     monkeypatch.setattr(patch_wise_dino.PatchWiseDINOLoss, "pair_loss", lambda *args: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, iteration 0 \(loss_cls=.*lr="):
-        main(parse(image_folder, output, "--epochs", "2"))
+        main(parse(image_folder, output, "--epochs", "2", "--allow_args_change"))
     assert (output / "checkpoint.pth").read_bytes() == before
 
 
