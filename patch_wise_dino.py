@@ -5,7 +5,10 @@ Single process (CPU or one GPU):
 Several GPUs or nodes:
     torchrun --nproc_per_node=4 patch_wise_dino.py --data_path /path/to/train --output_dir out
 
-Restarting the same command resumes from ``<output_dir>/checkpoint.pth``.
+Restarting the same command (also after ``kill -9``, or under ``torchrun --max_restarts``) resumes from
+``<output_dir>/checkpoint.pth``, at the next iteration when ``--save_every_iters`` wrote it mid-epoch, and
+ends with the weights an uninterrupted run would have: every random draw is a function of (seed, epoch,
+rank, position in the epoch), never of the process history.
 """
 from __future__ import annotations
 
@@ -639,9 +642,10 @@ def check_finite_weights(trainer: Trainer, point: ResumePoint) -> None:
     parameters = list(trainer.student.parameters())
     if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
         raise FloatingPointError(
-            f"the student's weights are not finite before epoch {point.epoch}, iteration {point.iteration}; "
-            f"not saved, and the last good checkpoint in {trainer.args.output_dir} is untouched. Try a lower "
-            "--lr or --clip_grad, --precision fp32 or bf16, or a lower --teacher_temp.")
+            f"the student's weights are not finite at the checkpoint for epoch {point.epoch}, iteration "
+            f"{point.iteration} (the next step); not saved, and the last good checkpoint in "
+            f"{trainer.args.output_dir} is untouched. Try a lower --lr or --clip_grad, --precision fp32 or bf16, "
+            "or a lower --teacher_temp.")
 
 
 def save_checkpoint(trainer: Trainer, point: ResumePoint, also: tuple[Path, ...] = ()) -> None:
@@ -803,7 +807,8 @@ def main(args: argparse.Namespace) -> Trainer:
         utils.write_text_atomic(json.dumps(vars(args), indent=2) + "\n", output_dir / "args.json")
         trim_log(output_dir / "log.txt", resume.epoch)
     if resume.epoch >= args.epochs:
-        print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {resume.epoch} of {args.epochs}.")
+        print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {resume.epoch} "
+              f"of {args.epochs}.")
         return trainer
 
     start_time = time.time()

@@ -390,7 +390,7 @@ class MetricLogger:
 
     def global_totals(self) -> dict[str, list[float]]:
         """``{name: [total, count]}`` summed over all processes (every process must call it)."""
-        names = sorted(self.meters)
+        names = list(self.meters)  # the same order on every process (and in the epoch log)
         sums = torch.tensor([[self.meters[name].total, self.meters[name].count] for name in names],
                             dtype=torch.float64, device=collective_device())
         all_reduce_sum(sums)
