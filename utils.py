@@ -99,10 +99,21 @@ def init_distributed(device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    warn_if_restarts_share_a_store()
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
                             device_id=device if device.type == "cuda" else None)
     dist.barrier()
     silence_non_main_processes()
+
+
+def warn_if_restarts_share_a_store() -> None:
+    """Rank 0 warns when ``torchrun --max_restarts`` keeps one rendezvous store across restarts: restarted
+    processes can then read the dead ones' addresses and fail to connect (PyTorch issue #135712)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
+        print("warning: torchrun --max_restarts with a shared rendezvous store may fail to reconnect after a "
+              "restart (PyTorch issue #135712); launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+              flush=True)
 
 
 def silence_non_main_processes() -> None:

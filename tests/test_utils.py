@@ -157,3 +157,14 @@ def test_metric_logger_prints_progress(capsys):
     assert "loss: 2 (2)" in printed.splitlines()[2]  # median and mean of 0..4
     assert logger.global_averages() == {"loss": 2.0}
     assert math.isnan(utils.SmoothedValue().median)
+
+
+def test_torchrun_restarts_with_a_shared_store_are_warned_about(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    utils.warn_if_restarts_share_a_store()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in capsys.readouterr().out
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable gives
+    utils.warn_if_restarts_share_a_store()
+    assert capsys.readouterr().out == ""
