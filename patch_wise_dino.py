@@ -204,7 +204,7 @@ class TrainingImages(Dataset):
     were skipped to make this sample.
     """
 
-    max_attempts = 10
+    max_attempts = 10  # unreadable images in a row before training stops
 
     def __init__(self, files: list[Path], transform, strict: bool = False):
         self.files, self.transform, self.strict = files, transform, strict
@@ -214,8 +214,7 @@ class TrainingImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with utils.seeded_cpu_rng(seed):
             image, replaced = self._read_or_replace(index)
             return self.transform(image), replaced
 

@@ -8,8 +8,8 @@ Patch matching (``patch_matching.py``) turns two geometries into token correspon
 A geometry travels as a float64 tensor row ``[top, left, height, width, flipped, size]`` (float64
 holds every pixel coordinate exactly, and the matching rule rounds float64 ratios).
 
-All randomness comes from torch's global generator, which DataLoader seeds differently in every
-worker; nothing here reseeds it. Every image gets its own views.
+All randomness comes from torch's global generator; nothing here reseeds it (training seeds it per
+sample, see ``patch_wise_dino.TrainingImages``). Every image gets its own views.
 """
 from __future__ import annotations
 
