@@ -29,12 +29,14 @@ def read_log(path: Path) -> list[dict]:
 
 
 def comparison_table(trained: dict, random: dict) -> str:
-    """k-NN top-1 / top-5 per k, trained next to random init, as aligned text."""
-    lines = [f"{'k':>5}  {'trained top-1':>13}  {'random top-1':>12}  {'trained top-5':>13}  {'random top-5':>12}"]
+    """k-NN top-1 / top-5 per k, trained next to random init and the gain, as aligned text."""
+    lines = [f"{'k':>5}  {'trained top-1':>13}  {'random top-1':>12}  {'gain':>6}  "
+             f"{'trained top-5':>13}  {'random top-5':>12}  {'gain':>6}"]
     for k, result in trained["results"].items():
         baseline = random["results"][k]
-        lines.append(f"{k:>5}  {result['top1']:>13.2f}  {baseline['top1']:>12.2f}  "
-                     f"{result['top5']:>13.2f}  {baseline['top5']:>12.2f}")
+        gain1, gain5 = result["top1"] - baseline["top1"], result["top5"] - baseline["top5"]
+        lines.append(f"{k:>5}  {result['top1']:>13.2f}  {baseline['top1']:>12.2f}  {gain1:>+6.2f}  "
+                     f"{result['top5']:>13.2f}  {baseline['top5']:>12.2f}  {gain5:>+6.2f}")
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ def test_demo_report_prints_comparison_and_plots(tmp_path, capsys):
         ["--run_dir", str(run), "--trained", str(tmp_path / "trained.json"), "--random", str(tmp_path / "random.json"),
          "--output", str(tmp_path / "curves.png")])
     table = demo_report.main(args)
-    assert "71.50" in table and "58.25" in table and "trained top-1" in capsys.readouterr().out
+    assert "71.50" in table and "58.25" in table and "+13.25" in table and "trained top-1" in capsys.readouterr().out
     with Image.open(tmp_path / "curves.png") as image:
         assert image.format == "PNG" and image.width >= 400
     with pytest.raises(FileNotFoundError, match="log.txt not found"):
