@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from torchvision.datasets import ImageFolder
 
 import utils
 import vision_transformer as vits
+from fused_loss import DEFAULT_CHUNK_ELEMENTS, FusedConfig, matched_cross_entropy
 from patch_matching import MATCHING_MODES, match_patches_batched
 from transforms_patch import MultiCropAugmentation, collate_multicrop
 from vision_transformer import DINOHead
@@ -64,6 +66,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--matching", default="upstream", choices=MATCHING_MODES,
                        help="Patch matching rule: 'upstream' (the authors', one-to-one) or 'centre' "
                             "(the teacher patch containing each student patch's centre).")
+
+    group.add_argument("--fused_loss", default=True, type=utils.bool_flag,
+                       help="Compute the loss fused with the head's last layer, in chunks of tokens, with the "
+                            "student head on matched tokens only (true/false). Same loss and gradients as false, "
+                            "which materialises every token's [K] logits (the straightforward reference); "
+                            "memory no longer grows with batch x tokens x K.")
 
     group = parser.add_argument_group("temperatures")
     group.add_argument("--warmup_teacher_temp", default=0.04, type=float,
@@ -185,23 +193,34 @@ def build_dataset(data_path: str | Path, transform) -> Dataset:
 # Model.
 # ----------------------------------------------------------------------------------------------
 class MultiCropWrapper(nn.Module):
-    """Backbone + head over a list of views; consecutive views of one size share a forward pass.
+    """Backbone + head over a list of views; consecutive views of one size share a backbone pass.
 
-    With ``patch_tokens`` every token goes through the head and view ``v`` gives logits
-    ``[B, 1 + N_v, K]``; without, only the CLS token does and each view gives ``[B, 1, K]``.
+    Tokens are numbered in one flat layout: view by view, sample by sample, token by token, with
+    ``T_v = 1 + N_v`` tokens per view when ``patch_tokens`` is set and ``T_v = 1`` (CLS only) when not.
+    The output is the head's embeddings (the last layer's input) and the last layer's weight, so that
+    the loss can apply that linear layer itself, chunk by chunk, to the tokens it needs.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, patch_tokens: bool):
+    def __init__(self, backbone: nn.Module, head: DINOHead, patch_tokens: bool):
         super().__init__()
         self.backbone, self.head, self.patch_tokens = backbone, head, patch_tokens
 
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        outputs: list[torch.Tensor] = []
-        for group in _consecutive_size_groups(views):
-            batch = torch.cat(group)
-            features = self.backbone.forward_features(batch) if self.patch_tokens else self.backbone(batch)[:, None]
-            outputs.extend(self.head(features).chunk(len(group)))
-        return outputs
+    def forward(self, views: list[torch.Tensor], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``V x [B, 3, S_v, S_v]`` -> embeddings ``[R, d]`` and last-layer weight ``[K, d]``.
+
+        ``rows`` (int64 ``[R]``) picks tokens of the flat layout before the head, which then runs on
+        those alone; ``None`` keeps all ``sum_v B * T_v``. A head with batch norm always sees every
+        token (its statistics must not depend on the selection).
+        """
+        tokens = torch.cat([self._tokens(torch.cat(group)).flatten(0, 1) for group in _consecutive_size_groups(views)])
+        if rows is not None and not any(isinstance(m, nn.BatchNorm1d) for m in self.head.mlp.modules()):
+            tokens, rows = tokens[rows], None  # the head runs on the selected tokens only
+        embeddings = self.head.embed(tokens)
+        return (embeddings if rows is None else embeddings[rows]), self.head.last_layer.weight
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone output ``[n, T, D]``: every token, or only CLS (``T = 1``)."""
+        return self.backbone.forward_features(images) if self.patch_tokens else self.backbone(images)[:, None]
 
 
 def _consecutive_size_groups(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -257,8 +276,96 @@ def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str,
             for g, v in view_pairs(num_views)}
 
 
+@dataclass
+class MatchedPairs:
+    """Every matched (teacher token, student token) pair of a batch, by rows of the flat token layouts.
+
+    Student rows follow ``MultiCropWrapper``'s layout (view, sample, token); teacher rows likewise over
+    the global views: token ``i`` of sample ``b`` in global view ``g`` is teacher row ``(g * B + b) * T_g + i``.
+
+    Attributes:
+        rows: int64 ``[N]`` the student rows that have at least one partner, ascending.
+        partners: int64 ``[N, G]`` the teacher row matched to each of them in global view ``g``, or -1.
+        weights: float64 ``[N, G]`` the derivative of the loss with respect to each pair's cross-entropy.
+        is_cls: bool ``[N]`` whether the student token is a CLS token.
+        tokens_per_view: ``T_v`` of every view; batch_size: ``B``; num_pairs: view pairs in the loss.
+    """
+
+    rows: torch.Tensor
+    partners: torch.Tensor
+    weights: torch.Tensor
+    is_cls: torch.Tensor
+    tokens_per_view: list[int]
+    batch_size: int
+    num_pairs: int
+
+
+def matched_pairs(matches: dict[tuple[int, int], torch.Tensor], cls_weight: float | None) -> MatchedPairs:
+    """Turn ``compute_matches``'s per-pair index maps into flat rows, partners and loss weights."""
+    tokens, batch = tokens_per_view(matches), len(matches[(1, 0)])
+    partners, weights, is_cls = [], [], []
+    for view, view_tokens in enumerate(tokens):
+        view_partners, view_weights = _view_partners(matches, view, (batch, view_tokens), tokens[0], cls_weight)
+        partners.append(view_partners.flatten(0, 1))
+        weights.append(view_weights.flatten(0, 1))
+        is_cls.append((torch.arange(view_tokens, device=view_partners.device) == 0).repeat(batch))
+    partners, weights, is_cls = torch.cat(partners), torch.cat(weights), torch.cat(is_cls)
+    rows = torch.nonzero((partners >= 0).any(1)).flatten()
+    return MatchedPairs(rows, partners[rows], weights[rows], is_cls[rows], tokens, batch, len(matches))
+
+
+def tokens_per_view(matches: dict[tuple[int, int], torch.Tensor]) -> list[int]:
+    """Tokens ``T_v`` of every view, read off the matches (view 0 is a student of global view 1, others of 0)."""
+    num_views = 1 + max(v for _, v in matches)
+    return [matches[(1 if v == 0 else 0, v)].shape[1] for v in range(num_views)]
+
+
+def _view_partners(matches: dict[tuple[int, int], torch.Tensor], view: int, shape: tuple[int, int],
+                   teacher_tokens: int, cls_weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher rows (-1: none) and pair weights, both ``[B, T_v, G]``, of one student view's tokens."""
+    device = matches[(1, 0)].device
+    partners = torch.full((*shape, NUM_GLOBAL_VIEWS), -1, dtype=torch.long, device=device)
+    weights = torch.zeros(partners.shape, dtype=torch.float64, device=device)
+    for g in range(NUM_GLOBAL_VIEWS):
+        if (g, view) not in matches:
+            continue
+        match = matches[(g, view)]
+        first_row = (g * shape[0] + torch.arange(shape[0], device=device)[:, None]) * teacher_tokens
+        partners[..., g] = torch.where(match >= 0, first_row + match, -1)
+        weights[..., g] = pair_weights(match, cls_weight) / len(matches)
+    return partners, weights
+
+
+def pair_weights(match: torch.Tensor, cls_weight: float | None) -> torch.Tensor:
+    """``d l(g, v) / d CE`` for every token of one view pair's match ``[B, T_v]``, float64 (METHOD.md section 4).
+
+    Unset ``cls_weight``: ``1 / (B + matched patches)`` for every matched token. Else ``lambda / B`` for
+    CLS and ``(1 - lambda) / matched patches`` for patches; ``1 / B`` for CLS when no patch is matched.
+    """
+    matched = (match >= 0).to(torch.float64)
+    batch, patch_count = match.shape[0], matched[:, 1:].sum()
+    if cls_weight is None:
+        return matched / (batch + patch_count)
+    weights = matched * (1 - cls_weight) / patch_count.clamp(min=1)
+    has_patches = (patch_count > 0).to(torch.float64)
+    weights[:, 0] = (1 - (1 - cls_weight) * has_patches) / batch  # lambda / B, or 1 / B without patches
+    return weights
+
+
+def logits_per_view(embeddings: torch.Tensor, weight: torch.Tensor, tokens_per_view: list[int],
+                    batch: int) -> list[torch.Tensor]:
+    """The head's last layer on every token of the flat layout ``[sum_v B * T_v, d]`` -> per view ``[B, T_v, K]``."""
+    logits = nn.functional.linear(embeddings, weight)
+    return [view.view(batch, tokens, -1)
+            for view, tokens in zip(logits.split([batch * t for t in tokens_per_view]), tokens_per_view)]
+
+
 class PatchWiseDINOLoss(nn.Module):
     """The PW-Self objective (METHOD.md section 4) with one center per teacher token position.
+
+    ``forward`` computes it fused with the head's last layer (``fused_loss.py``: chunked, from the
+    embeddings of matched tokens); ``reference`` computes the same from full per-view logits, the
+    straightforward way. Both return the same loss, gradients and statistics.
 
     Args:
         out_dim: number of prototypes ``K``.
@@ -267,18 +374,46 @@ class PatchWiseDINOLoss(nn.Module):
         student_temp: student temperature.
         center_momentum: EMA momentum of the center.
         cls_weight: ``None`` for the token mean over matched pairs; else the CLS weight lambda.
+        chunk_elements: logits per chunk of the fused computation (its memory, 4 bytes each).
     """
 
     def __init__(self, out_dim: int, num_positions: int, teacher_temps: np.ndarray, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, cls_weight: float | None = None):
+                 center_momentum: float = 0.9, cls_weight: float | None = None,
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
         super().__init__()
         self.student_temp, self.center_momentum, self.cls_weight = student_temp, center_momentum, cls_weight
-        self.teacher_temps = teacher_temps
+        self.teacher_temps, self.chunk_elements = teacher_temps, chunk_elements
         self.register_buffer("center", torch.zeros(num_positions, out_dim))
 
-    def forward(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
-                matches: dict[tuple[int, int], torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict]:
-        """Loss over all view pairs, then a center update.
+    def forward(self, student_z: torch.Tensor, student_weight: torch.Tensor, teacher_z: torch.Tensor,
+                teacher_weight: torch.Tensor, pairs: MatchedPairs, epoch: int,
+                compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+        """Loss over all view pairs from head embeddings, then a center update.
+
+        Args:
+            student_z: ``[N, d]`` embeddings of the student rows ``pairs.rows``.
+            student_weight: ``[K, d]`` the student's last-layer weight.
+            teacher_z: ``[G * B * T_g, d]`` embeddings of every teacher token (no gradient).
+            teacher_weight: ``[K, d]`` the teacher's last-layer weight.
+            pairs: from ``matched_pairs``.
+            epoch: selects the teacher temperature.
+            compute_dtype: dtype of the matmuls (the autocast dtype); ``None``: the embeddings'.
+
+        Returns:
+            the scalar loss and the statistics of ``reference``.
+        """
+        self._check_positions(pairs.tokens_per_view[0], teacher_weight.shape[0])
+        teacher_z = teacher_z.view(-1, pairs.tokens_per_view[0], teacher_z.shape[-1])
+        config = FusedConfig(self.student_temp, float(self.teacher_temps[epoch]), compute_dtype, self.chunk_elements)
+        loss, cross_entropy, entropy = matched_cross_entropy(student_z, student_weight, teacher_z, teacher_weight,
+                                                             self.center, pairs.partners, pairs.weights, config)
+        stats = self._pair_statistics(cross_entropy, pairs, entropy / teacher_z.shape[:2].numel())
+        self.update_center_from_embeddings(teacher_z, teacher_weight)
+        return loss, stats
+
+    def reference(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
+                  matches: dict[tuple[int, int], torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict]:
+        """The loss from full logits, then a center update: the straightforward computation.
 
         Args:
             student_logits: per view ``[B, T_v, K]``.
@@ -316,8 +451,8 @@ class PatchWiseDINOLoss(nn.Module):
         """Centered, sharpened teacher probabilities per global view ``[B, T_g, K]`` and their mean entropy."""
         probs, entropies = [], []
         for logits in teacher_logits:
-            self._check_positions(logits)
-            log_probs = torch.log_softmax((logits.float() - self.center) / temperature, dim=-1)
+            self._check_positions(*logits.shape[1:])
+            log_probs = torch.log_softmax((logits.to(_loss_dtype(logits)) - self.center) / temperature, dim=-1)
             probs.append(log_probs.exp())
             entropies.append(-(probs[-1] * log_probs).sum(-1).mean())
         return probs, torch.stack(entropies).mean()
@@ -325,14 +460,23 @@ class PatchWiseDINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
         """``C <- m C + (1 - m) * mean over samples and global views`` per position, over all processes."""
-        batch_sum = torch.stack([logits.sum(0, dtype=torch.float32) for logits in teacher_logits]).sum(0)
+        batch_sum = torch.stack([logits.sum(0, dtype=self.center.dtype) for logits in teacher_logits]).sum(0)
         utils.all_reduce_sum(batch_sum)
         count = sum(len(logits) for logits in teacher_logits) * utils.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
 
-    def _check_positions(self, logits: torch.Tensor) -> None:
-        if logits.shape[1:] != self.center.shape:
-            raise ValueError(f"teacher logits have shape {tuple(logits.shape[1:])} per sample but the center "
+    @torch.no_grad()
+    def update_center_from_embeddings(self, teacher_z: torch.Tensor, teacher_weight: torch.Tensor) -> None:
+        """``update_center`` from embeddings ``[S, T_g, d]``: the last layer is linear, so the logits' mean
+        is ``mean(z) W^T``; only ``[T_g, d]`` is summed over processes instead of ``[T_g, K]``."""
+        batch_sum = teacher_z.sum(0, dtype=self.center.dtype)
+        utils.all_reduce_sum(batch_sum)
+        mean_logits = batch_sum / (len(teacher_z) * utils.get_world_size()) @ teacher_weight.to(self.center.dtype).T
+        self.center.mul_(self.center_momentum).add_(mean_logits, alpha=1 - self.center_momentum)
+
+    def _check_positions(self, tokens: int, out_dim: int) -> None:
+        if (tokens, out_dim) != self.center.shape:
+            raise ValueError(f"teacher logits have shape {(tokens, out_dim)} per sample but the center "
                              f"is {tuple(self.center.shape)}: the global crop size, patch size or out_dim changed")
 
     @staticmethod
@@ -343,6 +487,21 @@ class PatchWiseDINOLoss(nn.Module):
             "loss_cls": torch.stack(cls_means).mean().detach(),
             "loss_patch": (torch.stack(patch_sums).sum() / patch_total.clamp(min=1)).detach(),
             "matched_patches": patch_total / (len(patch_counts) * batch_size),
+            "teacher_entropy": teacher_entropy,
+        }
+
+    @staticmethod
+    @torch.no_grad()
+    def _pair_statistics(cross_entropy: torch.Tensor, pairs: MatchedPairs, teacher_entropy: torch.Tensor) -> dict:
+        """``_statistics`` from the fused path's cross-entropies ``[N, G]``."""
+        matched = pairs.partners >= 0
+        cls, patch = matched & pairs.is_cls[:, None], matched & ~pairs.is_cls[:, None]
+        patch_total = patch.sum().to(cross_entropy.dtype)
+        pairs_and_samples = pairs.num_pairs * pairs.batch_size
+        return {
+            "loss_cls": (cross_entropy * cls).sum() / pairs_and_samples,
+            "loss_patch": (cross_entropy * patch).sum() / patch_total.clamp(min=1),
+            "matched_patches": patch_total / pairs_and_samples,
             "teacher_entropy": teacher_entropy,
         }
 
@@ -447,12 +606,10 @@ class Trainer:
         images = [view.to(self.device, non_blocking=True) for view in images]
         matches = compute_matches(geometry.to(self.device, non_blocking=True), self.args.patch_size,
                                   self.args.matching, self.args.patch_loss)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            with torch.no_grad():
-                teacher_logits = self.teacher(images[:NUM_GLOBAL_VIEWS])  # only the global views
-            student_logits = self.student(images)
-        loss, stats = self.loss_fn(student_logits, teacher_logits, matches, epoch)
+        if self.args.fused_loss:
+            loss, stats = self._fused_loss(images, matched_pairs(matches, self.args.cls_weight), epoch)
+        else:
+            loss, stats = self._reference_loss(images, matches, epoch)
         stats = {name: value.item() for name, value in stats.items()}
         if not math.isfinite(loss.item()):
             self._stop_on_non_finite(loss.item(), stats, epoch, iteration_in_epoch)
@@ -463,6 +620,28 @@ class Trainer:
         return {"loss": loss.item(), **stats, "lr": self.optimizer.param_groups[0]["lr"],
                 "wd": self.optimizer.param_groups[0]["weight_decay"],
                 "teacher_temp": float(self.loss_fn.teacher_temps[epoch])}
+
+    def _fused_loss(self, images: list[torch.Tensor], pairs: MatchedPairs, epoch: int) -> tuple[torch.Tensor, dict]:
+        """Forward passes to head embeddings (the student head on matched tokens only), then the fused loss."""
+        with self._autocast():
+            with torch.no_grad():
+                teacher_z, teacher_weight = self.teacher(images[:NUM_GLOBAL_VIEWS])  # only the global views
+            student_z, student_weight = self.student(images, pairs.rows)
+        return self.loss_fn(student_z, student_weight, teacher_z, teacher_weight, pairs, epoch, self.autocast_dtype)
+
+    def _reference_loss(self, images: list[torch.Tensor], matches: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        """Forward passes to every token's logits, then the straightforward loss."""
+        tokens, batch = tokens_per_view(matches), len(images[0])
+        with self._autocast():
+            with torch.no_grad():
+                teacher_logits = logits_per_view(*self.teacher(images[:NUM_GLOBAL_VIEWS]),
+                                                 tokens[:NUM_GLOBAL_VIEWS], batch)
+            student_logits = logits_per_view(*self.student(images), tokens, batch)
+        return self.loss_fn.reference(student_logits, teacher_logits, matches, epoch)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
 
     def _optimise(self, loss: torch.Tensor, epoch: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
