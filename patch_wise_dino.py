@@ -29,6 +29,7 @@ import utils
 import vision_transformer as vits
 from fused_loss import DEFAULT_CHUNK_ELEMENTS, FusedConfig, matched_cross_entropy
 from patch_matching import MATCHING_MODES, match_patches_batched
+from device_augment import DevicePhotometric, normalize
 from transforms_patch import MultiCropAugmentation, collate_multicrop
 from vision_transformer import DINOHead
 
@@ -73,6 +74,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "which materialises every token's [K] logits (the straightforward reference); "
                             "memory no longer grows with batch x tokens x K.")
 
+    group.add_argument("--compile", default=False, type=utils.bool_flag,
+                       help="torch.compile the student and teacher (true/false): faster steps on a GPU after a "
+                            "few minutes of compilation at the start.")
+
     group = parser.add_argument_group("temperatures")
     group.add_argument("--warmup_teacher_temp", default=0.04, type=float,
                        help="Teacher temperature at the start of training; lower it if the loss does not fall.")
@@ -110,6 +115,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
                        help="Area range of the local crops relative to the image.")
     group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local views in pixels.")
+    group.add_argument("--gpu_augment", default=False, type=utils.bool_flag,
+                       help="Run the photometric part of the augmentation (colour jitter, grayscale, blur, "
+                            "solarization) on the training device, batched with per-sample random parameters "
+                            "(true/false); the data workers then only decode, crop and flip.")
 
     group = parser.add_argument_group("run")
     group.add_argument("--data_path", required=True, type=str,
@@ -598,12 +607,13 @@ class Trainer:
         self.optimizer, self.schedules, self.scaler = optimizer, schedules, scaler
         self.autocast_dtype, self.device = autocast_dtype, device
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
+        self.device_photometric = DevicePhotometric(args.local_crops_number) if args.gpu_augment else None
 
     def step(self, images: list[torch.Tensor], geometry: torch.Tensor, epoch: int, iteration: int,
              iteration_in_epoch: int) -> dict[str, float]:
         """One optimisation step on a batch: views ``V x [B, 3, S, S]``, geometry ``[B, V, 6]``."""
         self.schedules.apply(self.optimizer, iteration)
-        images = [view.to(self.device, non_blocking=True) for view in images]
+        images = self._prepare_views(images)
         matches = compute_matches(geometry.to(self.device, non_blocking=True), self.args.patch_size,
                                   self.args.matching, self.args.patch_loss)
         if self.args.fused_loss:
@@ -620,6 +630,13 @@ class Trainer:
         return {"loss": loss.item(), **stats, "lr": self.optimizer.param_groups[0]["lr"],
                 "wd": self.optimizer.param_groups[0]["weight_decay"],
                 "teacher_temp": float(self.loss_fn.teacher_temps[epoch])}
+
+    def _prepare_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The loader's uint8 views, on the device: photometrically augmented (``--gpu_augment``), normalised."""
+        images = [view.to(self.device, non_blocking=True) for view in images]
+        if self.device_photometric is not None:
+            return self.device_photometric(images)
+        return [normalize(view) for view in images]
 
     def _fused_loss(self, images: list[torch.Tensor], pairs: MatchedPairs, epoch: int) -> tuple[torch.Tensor, dict]:
         """Forward passes to head embeddings (the student head on matched tokens only), then the fused loss."""
@@ -708,7 +725,8 @@ def restore_checkpoint(path: Path, trainer: Trainer) -> int:
 
 def build_loader(args: argparse.Namespace, generator: torch.Generator) -> DataLoader:
     augmentation = MultiCropAugmentation(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
-                                         args.local_crops_number, args.global_crops_size, args.local_crops_size)
+                                         args.local_crops_number, args.global_crops_size, args.local_crops_size,
+                                         photometric=not args.gpu_augment)
     dataset = build_dataset(args.data_path, augmentation)
     sampler = DistributedSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
                                  shuffle=True, seed=args.seed)
@@ -730,6 +748,9 @@ def build_trainer(args: argparse.Namespace, device: torch.device, iters_per_epoc
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())
+    if args.compile:  # in place: parameter names and checkpoints stay the same
+        student.compile()
+        teacher.compile()
     loss_fn = build_loss(args).to(device)
     optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
     if utils.is_distributed():

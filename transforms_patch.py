@@ -14,7 +14,7 @@ worker; nothing here reseeds it. Every image gets its own views.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageFilter
@@ -61,6 +61,10 @@ class ViewGeometry:
         return cls(top, left, height, width, bool(flipped), int(size))
 
 
+_PIL_FILTERS = {InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.BILINEAR: Image.BILINEAR,
+                InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.LANCZOS: Image.LANCZOS}
+
+
 class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
     """torchvision's RandomResizedCrop to a square ``size``, also returning the crop's geometry.
 
@@ -77,9 +81,9 @@ class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
         super().__init__(size, scale=scale, ratio=ratio, interpolation=interpolation)
 
     def forward(self, image: Image.Image) -> tuple[Image.Image, ViewGeometry]:
+        """Crop and resize in one PIL call (the filter reads true neighbours, not a clamped border, at the box edge)."""
         top, left, height, width = self.get_params(image, self.scale, self.ratio)
-        view = TF.resized_crop(image, top, left, height, width, self.size, self.interpolation,
-                               antialias=self.antialias)
+        view = image.resize(self.size[::-1], _PIL_FILTERS[self.interpolation], box=(left, top, left + width, top + height))
         return view, ViewGeometry(top, left, height, width, False, self.size[0])
 
 
@@ -113,15 +117,18 @@ class RandomGaussianBlur:
 
 
 def photometric_transform(blur_p: float, solarize_p: float) -> transforms.Compose:
-    """DINO's photometric recipe after crop and flip: colour, blur, solarize, then normalise to a tensor."""
+    """DINO's photometric recipe after crop and flip: colour, grayscale, blur, solarize, then a uint8 tensor.
+
+    Normalisation is left to the training device (``device_augment.normalize``): a uint8 view is a
+    quarter of the bytes to pass between processes, pin and copy.
+    """
     return transforms.Compose([
         transforms.RandomApply(
             [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
         RandomGaussianBlur(blur_p),
         transforms.RandomSolarize(threshold=128, p=solarize_p),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.PILToTensor(),
     ])
 
 
@@ -130,30 +137,37 @@ class MultiCropAugmentation:
 
     Views, in order: global 1 (blur p=1.0), global 2 (blur p=0.1, solarize p=0.2), then
     ``local_crops_number`` local views (blur p=0.5). Each is cropped, flipped (p=0.5), colour
-    jittered (p=0.8), turned grayscale (p=0.2), blurred, solarized and normalised.
+    jittered (p=0.8), turned grayscale (p=0.2), blurred and solarized; with ``photometric=False``
+    only cropped and flipped (the colour part then runs on the training device, ``device_augment.py``).
 
     Calling it on a PIL image returns ``(views, geometry)``: a list of ``2 + local_crops_number``
-    tensors ``[3, S, S]`` (S the global or local size) and a float64 tensor ``[V, 6]``.
+    uint8 tensors ``[3, S, S]`` (S the global or local size; normalisation happens on the device)
+    and a float64 tensor ``[V, 6]``.
     """
 
     def __init__(self, global_crops_scale: tuple[float, float] = (0.4, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
-                 global_crops_size: int = 224, local_crops_size: int = 96):
+                 global_crops_size: int = 224, local_crops_size: int = 96, photometric: bool = True):
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
         self.local_crops_number = local_crops_number
         self.global_crop = RandomResizedCropWithGeometry(global_crops_size, scale=tuple(global_crops_scale))
         self.local_crop = RandomResizedCropWithGeometry(local_crops_size, scale=tuple(local_crops_scale))
         self.flip = RandomHorizontalFlipWithGeometry(p=0.5)
-        self.global_photometrics = [photometric_transform(blur_p=1.0, solarize_p=0.0),
-                                    photometric_transform(blur_p=0.1, solarize_p=0.2)]
-        self.local_photometric = photometric_transform(blur_p=0.5, solarize_p=0.0)
+        self.photometric = photometric
+        if photometric:
+            self.global_photometrics = [photometric_transform(blur_p=1.0, solarize_p=0.0),
+                                        photometric_transform(blur_p=0.1, solarize_p=0.2)]
+            self.local_photometric = photometric_transform(blur_p=0.5, solarize_p=0.0)
+        else:
+            self.global_photometrics = [transforms.PILToTensor()] * 2
+            self.local_photometric = transforms.PILToTensor()
 
     @property
     def num_views(self) -> int:
         return 2 + self.local_crops_number
 
-    def pipelines(self) -> list[tuple[RandomResizedCropWithGeometry, transforms.Compose]]:
+    def pipelines(self) -> list[tuple[RandomResizedCropWithGeometry, Callable]]:
         """(crop, photometric) for every view, globals first."""
         globals_ = [(self.global_crop, photometric) for photometric in self.global_photometrics]
         return globals_ + [(self.local_crop, self.local_photometric)] * self.local_crops_number
@@ -170,7 +184,8 @@ class MultiCropAugmentation:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(global={self.global_crop.size[0]}px scale={self.global_crop.scale}, "
-                f"local={self.local_crops_number}x{self.local_crop.size[0]}px scale={self.local_crop.scale})")
+                f"local={self.local_crops_number}x{self.local_crop.size[0]}px scale={self.local_crop.scale}, "
+                f"photometric={'here' if self.photometric else 'on the device'})")
 
 
 def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
