@@ -44,22 +44,47 @@ class DevicePhotometric:
         self.solarize_p = [0.0, solarize_p] + [0.0] * local_crops_number
 
     def __call__(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``V`` uint8 batches ``[B, 3, S_v, S_v]`` -> augmented, normalised float32 batches."""
+        """``V`` uint8 batches ``[B, 3, S_v, S_v]`` -> augmented, normalised float32 batches.
+
+        Consecutive views of one size are augmented as one batch (each sample with its view's probabilities).
+        """
         if len(views) != len(self.blur_p):
             raise ValueError(f"expected {len(self.blur_p)} views, got {len(views)}")
-        return [normalize(self.augment(view, index)) for index, view in enumerate(views)]
+        outputs: list[torch.Tensor] = []
+        for group in _same_size_runs(views):
+            images = torch.cat([views[v] for v in group])
+            blur_p, solarize_p = (_per_sample_values([values[v] for v in group], len(views[group[0]]), images.device)
+                                  for values in (self.blur_p, self.solarize_p))
+            outputs.extend(normalize(self.augment(images, blur_p, solarize_p)).chunk(len(group)))
+        return outputs
 
-    def augment(self, view: torch.Tensor, index: int) -> torch.Tensor:
-        """One view's batch: uint8 ``[B, 3, S, S]`` -> float ``[B, 3, S, S]`` in ``[0, 1]``."""
-        images = view.float().div_(255)
+    def augment(self, views: torch.Tensor, blur_p: torch.Tensor, solarize_p: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, 3, S, S]`` -> float ``[N, 3, S, S]`` in ``[0, 1]``; blur and solarize probabilities ``[N]``."""
+        images = views.float().div_(255)
         images = color_jitter(images, self.jitter_p)
         images = random_grayscale(images, self.grayscale_p)
-        images = random_gaussian_blur(images, self.blur_p[index])
-        return random_solarize(images, self.solarize_p[index])
+        images = random_gaussian_blur(images, blur_p)
+        return random_solarize(images, solarize_p)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(jitter_p={self.jitter_p}, grayscale_p={self.grayscale_p}, "
                 f"blur_p={self.blur_p}, solarize_p={self.solarize_p})")
+
+
+def _same_size_runs(views: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of consecutive views with the same shape: ``[224, 224, 96, 96] -> [[0, 1], [2, 3]]``."""
+    runs: list[list[int]] = []
+    for index, view in enumerate(views):
+        if runs and views[runs[-1][-1]].shape == view.shape:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def _per_sample_values(per_view: list[float], batch: int, device: torch.device) -> torch.Tensor:
+    """One value per view -> one per sample of those views stacked, ``[len(per_view) * batch]``."""
+    return torch.tensor(per_view, device=device).repeat_interleave(batch)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -75,8 +100,8 @@ def _draw(batch: int, low: float, high: float, device: torch.device) -> torch.Te
     return torch.empty(batch, device=device).uniform_(low, high)
 
 
-def _happens(batch: int, p: float, device: torch.device) -> torch.Tensor:
-    """``[B]`` booleans, each true with probability ``p``."""
+def _happens(batch: int, p: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[B]`` booleans, each true with probability ``p`` (a number, or one per sample ``[B]``)."""
     return torch.rand(batch, device=device) < p
 
 
@@ -124,10 +149,11 @@ def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tens
 
 
 def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``shifts`` ``[B]`` (fractions of a turn) in HSV space."""
+    """Rotate the hue by ``shifts`` ``[B]`` (fractions of a turn) in HSV space; a zero shift returns the image as is."""
     hue, saturation, value = rgb_to_hsv(images).unbind(1)
     hue = torch.remainder(hue + shifts.view(-1, 1, 1), 1.0)
-    return hsv_to_rgb(torch.stack([hue, saturation, value], dim=1))
+    rotated = hsv_to_rgb(torch.stack([hue, saturation, value], dim=1))
+    return torch.where(_per_sample(shifts != 0), rotated, images)  # no round-off for unjittered samples
 
 
 _JITTER_OPS = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
@@ -162,8 +188,8 @@ def random_grayscale(images: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(chosen, grayscale(images).expand_as(images), images)
 
 
-def random_gaussian_blur(images: torch.Tensor, p: float, sigma_range: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
-    """Blur each image with probability ``p``, with sigma drawn from ``U(sigma_range)``."""
+def random_gaussian_blur(images: torch.Tensor, p: float | torch.Tensor, sigma_range: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    """Blur each image with probability ``p`` (or ``p[i]``), with sigma drawn from ``U(sigma_range)``."""
     sigma = _draw(len(images), *sigma_range, images.device)
     sigma = torch.where(_happens(len(images), p, images.device), sigma, 0.0)
     return gaussian_blur(images, sigma, radius=int(3 * sigma_range[1] + 0.5))
@@ -182,7 +208,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
     return flat.view(batch, channels, height, width)
 
 
-def random_solarize(images: torch.Tensor, p: float, threshold: float = 128 / 255) -> torch.Tensor:
-    """Invert the pixels at or above ``threshold`` of each image with probability ``p``."""
+def random_solarize(images: torch.Tensor, p: float | torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
+    """Invert the pixels at or above ``threshold`` of each image with probability ``p`` (or ``p[i]``)."""
     chosen = _per_sample(_happens(len(images), p, images.device))
     return torch.where(chosen & (images >= threshold), 1.0 - images, images)

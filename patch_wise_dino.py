@@ -270,6 +270,8 @@ def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str,
                     patch_loss: bool) -> dict[tuple[int, int], torch.Tensor]:
     """Teacher token per student token for every view pair, on the geometry's device.
 
+    All pairs whose student views share a size are matched in one batched call (two calls in all).
+
     Args:
         geometry: ``[B, V, 6]`` from ``collate_multicrop``.
 
@@ -278,11 +280,17 @@ def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str,
         when ``patch_loss`` is off.
     """
     batch, num_views = geometry.shape[:2]
+    pairs = view_pairs(num_views)
     if not patch_loss:
         cls_only = torch.zeros(batch, 1, dtype=torch.long, device=geometry.device)
-        return {pair: cls_only for pair in view_pairs(num_views)}
-    return {(g, v): match_patches_batched(geometry[:, g], geometry[:, v], patch_size, mode)
-            for g, v in view_pairs(num_views)}
+        return {pair: cls_only for pair in pairs}
+    found = {}
+    for group in ([p for p in pairs if p[1] < NUM_GLOBAL_VIEWS], [p for p in pairs if p[1] >= NUM_GLOBAL_VIEWS]):
+        if group:
+            teachers = torch.cat([geometry[:, g] for g, _ in group])
+            students = torch.cat([geometry[:, v] for _, v in group])
+            found.update(zip(group, match_patches_batched(teachers, students, patch_size, mode).split(batch)))
+    return {pair: found[pair] for pair in pairs}
 
 
 @dataclass
@@ -312,13 +320,8 @@ class MatchedPairs:
 def matched_pairs(matches: dict[tuple[int, int], torch.Tensor], cls_weight: float | None) -> MatchedPairs:
     """Turn ``compute_matches``'s per-pair index maps into flat rows, partners and loss weights."""
     tokens, batch = tokens_per_view(matches), len(matches[(1, 0)])
-    partners, weights, is_cls = [], [], []
-    for view, view_tokens in enumerate(tokens):
-        view_partners, view_weights = _view_partners(matches, view, (batch, view_tokens), tokens[0], cls_weight)
-        partners.append(view_partners.flatten(0, 1))
-        weights.append(view_weights.flatten(0, 1))
-        is_cls.append((torch.arange(view_tokens, device=view_partners.device) == 0).repeat(batch))
-    partners, weights, is_cls = torch.cat(partners), torch.cat(weights), torch.cat(is_cls)
+    groups = [_group_partners(matches, views, tokens[0], cls_weight) for views in _equal_token_groups(tokens)]
+    partners, weights, is_cls = (torch.cat(parts) for parts in zip(*groups))
     rows = torch.nonzero((partners >= 0).any(1)).flatten()
     return MatchedPairs(rows, partners[rows], weights[rows], is_cls[rows], tokens, batch, len(matches))
 
@@ -329,35 +332,46 @@ def tokens_per_view(matches: dict[tuple[int, int], torch.Tensor]) -> list[int]:
     return [matches[(1 if v == 0 else 0, v)].shape[1] for v in range(num_views)]
 
 
-def _view_partners(matches: dict[tuple[int, int], torch.Tensor], view: int, shape: tuple[int, int],
-                   teacher_tokens: int, cls_weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher rows (-1: none) and pair weights, both ``[B, T_v, G]``, of one student view's tokens."""
-    device = matches[(1, 0)].device
-    partners = torch.full((*shape, NUM_GLOBAL_VIEWS), -1, dtype=torch.long, device=device)
-    weights = torch.zeros(partners.shape, dtype=torch.float64, device=device)
-    for g in range(NUM_GLOBAL_VIEWS):
-        if (g, view) not in matches:
-            continue
-        match = matches[(g, view)]
-        first_row = (g * shape[0] + torch.arange(shape[0], device=device)[:, None]) * teacher_tokens
-        partners[..., g] = torch.where(match >= 0, first_row + match, -1)
-        weights[..., g] = pair_weights(match, cls_weight) / len(matches)
-    return partners, weights
+def _equal_token_groups(tokens: list[int]) -> list[list[int]]:
+    """Consecutive views with the same number of tokens: ``[197, 197, 37, 37] -> [[0, 1], [2, 3]]``."""
+    groups: list[list[int]] = []
+    for view, count in enumerate(tokens):
+        if groups and tokens[groups[-1][-1]] == count:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    return groups
+
+
+def _group_partners(matches: dict[tuple[int, int], torch.Tensor], views: list[int], teacher_tokens: int,
+                    cls_weight: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher rows (-1: none) and pair weights ``[n * B * T, G]``, and CLS flags ``[n * B * T]``, of ``n``
+    consecutive student views of ``T`` tokens each, in the flat layout."""
+    template = matches[(1 if views[0] == 0 else 0, views[0])]
+    (batch, tokens), device = template.shape, template.device
+    unmatched = torch.full_like(template, -1)  # a view is never its own student
+    match = torch.stack([torch.stack([matches.get((g, v), unmatched) for g in range(NUM_GLOBAL_VIEWS)])
+                         for v in views])  # [n, G, B, T]
+    sequence = torch.arange(NUM_GLOBAL_VIEWS * batch, device=device).view(1, NUM_GLOBAL_VIEWS, batch, 1)
+    partners = torch.where(match >= 0, sequence * teacher_tokens + match, -1)
+    weights = pair_weights(match, cls_weight) / len(matches)
+    is_cls = (torch.arange(tokens, device=device) == 0).repeat(len(views) * batch)
+    return partners.permute(0, 2, 3, 1).flatten(0, 2), weights.permute(0, 2, 3, 1).flatten(0, 2), is_cls
 
 
 def pair_weights(match: torch.Tensor, cls_weight: float | None) -> torch.Tensor:
-    """``d l(g, v) / d CE`` for every token of one view pair's match ``[B, T_v]``, float64 (METHOD.md section 4).
+    """``d l(g, v) / d CE`` for every token of view-pair matches ``[..., B, T_v]``, float64 (METHOD.md section 4).
 
     Unset ``cls_weight``: ``1 / (B + matched patches)`` for every matched token. Else ``lambda / B`` for
     CLS and ``(1 - lambda) / matched patches`` for patches; ``1 / B`` for CLS when no patch is matched.
     """
     matched = (match >= 0).to(torch.float64)
-    batch, patch_count = match.shape[0], matched[:, 1:].sum()
+    batch, patch_count = match.shape[-2], matched[..., 1:].sum((-2, -1), keepdim=True)
     if cls_weight is None:
         return matched / (batch + patch_count)
+    has_patches = (patch_count[..., 0] > 0).to(torch.float64)
     weights = matched * (1 - cls_weight) / patch_count.clamp(min=1)
-    has_patches = (patch_count > 0).to(torch.float64)
-    weights[:, 0] = (1 - (1 - cls_weight) * has_patches) / batch  # lambda / B, or 1 / B without patches
+    weights[..., 0] = matched[..., 0] * (1 - (1 - cls_weight) * has_patches) / batch  # lambda / B, or 1 / B
     return weights
 
 

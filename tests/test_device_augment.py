@@ -23,7 +23,7 @@ def uint8_views(batch=8, local_crops_number=2, seed=0):
 def test_shapes_ranges_and_normalisation():
     views = uint8_views()
     torch.manual_seed(0)
-    augmented = da.DevicePhotometric(2).augment(views[1], 1)
+    augmented = da.DevicePhotometric(2).augment(views[1], torch.full((8,), 0.5), torch.full((8,), 0.5))
     assert augmented.shape == views[1].shape and augmented.dtype == torch.float32
     assert augmented.min() >= 0 and augmented.max() <= 1
     out = da.DevicePhotometric(2)(views)
@@ -48,8 +48,21 @@ def test_probability_zero_is_identity():
     views = uint8_views()
     torch.manual_seed(0)
     photometric = da.DevicePhotometric(2, **IDENTITY)
-    for index, view in enumerate(views):  # the hue round trip through HSV costs float rounding only
-        torch.testing.assert_close(photometric.augment(view, index), view.float() / 255, rtol=0, atol=2e-6)
+    for view in views:
+        assert torch.equal(photometric.augment(view, torch.zeros(8), torch.zeros(8)), view.float() / 255)
+    for output, view in zip(photometric(views), views):
+        torch.testing.assert_close(output, da.normalize(view))  # up to the rounding of the two normalisations
+
+
+def test_views_get_their_own_blur_and_solarize_probabilities():
+    views = uint8_views(batch=16, local_crops_number=2)
+    torch.manual_seed(0)
+    out = da.DevicePhotometric(2, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 1.0), solarize_p=1.0)(views)
+    torch.testing.assert_close(out[0], da.normalize(views[0]))  # global 1: neither
+    inverted = torch.where(views[1] >= 128, 255 - views[1], views[1])
+    torch.testing.assert_close(out[1], da.normalize(inverted))  # global 2: solarized
+    for output, view in zip(out[2:], views[2:]):  # locals: blurred, not solarized
+        assert not torch.allclose(output, da.normalize(view))
 
 
 def test_probability_one_changes_every_image_and_parameters_are_per_sample():
