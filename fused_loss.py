@@ -21,7 +21,9 @@ softmax, log-sum-exp, dot products and sums run in float32 (float64 inputs stay 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,12 +32,14 @@ DEFAULT_CHUNK_ELEMENTS = 2 ** 27  # 512 MiB of float32 logits per chunk
 
 @dataclass(frozen=True)
 class FusedConfig:
-    """Temperatures, the matmul dtype (``None``: the embeddings' dtype) and the chunk size in logits."""
+    """Temperatures, the matmul dtype (``None``: the embeddings' dtype), the chunk size in logits, and
+    whether to ``torch.compile`` the per-chunk softmax kernels."""
 
     student_temp: float
     teacher_temp: float
     compute_dtype: torch.dtype | None = None
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    compile: bool = False
 
 
 def matched_cross_entropy(student_z: torch.Tensor, student_weight: torch.Tensor, teacher_z: torch.Tensor,
@@ -103,13 +107,12 @@ def teacher_pass(teacher_z: torch.Tensor, teacher_weight: torch.Tensor, center: 
     sequences, tokens, _ = teacher_z.shape
     teacher_w, student_w = teacher_weight.to(dtype), student_weight.to(dtype)
     step = max(1, config.chunk_elements // (tokens * teacher_w.shape[0]))
+    softmax = _kernel(teacher_softmax, config.compile)
     folded, weight_grad, entropy = [], 0.0, 0.0
     for start in range(0, sequences, step):
-        logits = _matmul(teacher_z[start:start + step].flatten(0, 1), teacher_w.T, dtype)
-        log_probs = torch.log_softmax(logits.view(-1, tokens, logits.shape[-1]).sub_(center)
-                                      .div_(config.teacher_temp), dim=-1).flatten(0, 1)
-        probs = log_probs.exp()
-        entropy = entropy - torch.linalg.vecdot(probs, log_probs).sum()
+        logits = torch.mm(teacher_z[start:start + step].flatten(0, 1).to(dtype), teacher_w.T)
+        probs, chunk_entropy = softmax(logits.view(-1, tokens, logits.shape[-1]), center, config.teacher_temp)
+        entropy = entropy + chunk_entropy
         folded.append(_matmul(probs, student_w, dtype))
         weight_grad = weight_grad + _matmul(probs.T, targets[start * tokens:(start + step) * tokens], dtype)
     return torch.cat(folded), weight_grad, entropy
@@ -127,18 +130,47 @@ def student_pass(z: torch.Tensor, student_weight: torch.Tensor, total_weights: t
     dtype = config.compute_dtype or z.dtype
     weight = student_weight.to(dtype)
     step = max(1, config.chunk_elements // weight.shape[0])
+    softmax = _kernel(student_softmax, config.compile)
     log_norms, softmax_folded, weight_grad = [], [], 0.0
     for start in range(0, len(z), step):
-        scaled = _matmul(z[start:start + step], weight.T, dtype).div_(config.student_temp)
-        log_norms.append(torch.logsumexp(scaled, dim=-1))
-        probs = scaled.sub_(log_norms[-1][:, None]).exp_().mul_(total_weights[start:start + step, None])
-        softmax_folded.append(_matmul(probs, weight, dtype))
-        weight_grad = weight_grad + _matmul(probs.T, z[start:start + step], dtype)
+        chunk = z[start:start + step].to(dtype)
+        log_norm, weighted_probs = softmax(torch.mm(chunk, weight.T), config.student_temp,
+                                           total_weights[start:start + step])
+        log_norms.append(log_norm)
+        softmax_folded.append(_matmul(weighted_probs, weight, dtype))
+        weight_grad = weight_grad + _matmul(weighted_probs.T, chunk, dtype)
     return torch.cat(log_norms), torch.cat(softmax_folded), weight_grad
 
 
+def teacher_softmax(logits: torch.Tensor, center: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[n, T, K]`` -> ``softmax((logits - center) / temperature)`` ``[n * T, K]`` in the logits' dtype,
+    and the summed entropy of those distributions (computed in float32)."""
+    scaled = (logits.to(center.dtype) - center) / temperature
+    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    probs = torch.exp(scaled - log_norm)
+    entropy = (log_norm.squeeze(-1) - torch.linalg.vecdot(probs, scaled)).sum()  # -sum p log p
+    return probs.to(logits.dtype).flatten(0, 1), entropy
+
+
+def student_softmax(logits: torch.Tensor, temperature: float, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[n, K]`` -> ``logsumexp(logits / temperature)`` ``[n]`` (float32) and
+    ``weights[:, None] * softmax(logits / temperature)`` ``[n, K]`` in the logits' dtype."""
+    scaled = logits.to(weights.dtype) / temperature
+    log_norm = torch.logsumexp(scaled, dim=-1)
+    return log_norm, (torch.exp(scaled - log_norm[:, None]) * weights[:, None]).to(logits.dtype)
+
+
+def _kernel(function: Callable, compile_it: bool) -> Callable:
+    """``function``, or its ``torch.compile``d version (one elementwise kernel instead of several passes)."""
+    return _compiled(function) if compile_it else function
+
+
+@functools.cache
+def _compiled(function: Callable) -> Callable:
+    return torch.compile(function, dynamic=None)
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` with both inputs in ``dtype``, returned as a fresh float32 tensor (float64 stays)."""
+    """``a @ b`` with both inputs in ``dtype``, returned in float32 (float64 stays): small ``[*, d]`` results."""
     product = torch.mm(a.to(dtype), b.to(dtype))
-    accumulate = torch.promote_types(dtype, torch.float32)
-    return product.to(accumulate) if product.dtype != accumulate else product
+    return product.to(torch.promote_types(dtype, torch.float32))

@@ -75,8 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "memory no longer grows with batch x tokens x K.")
 
     group.add_argument("--compile", default=False, type=utils.bool_flag,
-                       help="torch.compile the student and teacher (true/false): faster steps on a GPU after a "
-                            "few minutes of compilation at the start.")
+                       help="torch.compile the student, the teacher and the fused loss's softmax kernels "
+                            "(true/false): faster steps on a GPU after a few minutes of compilation at the start.")
 
     group = parser.add_argument_group("temperatures")
     group.add_argument("--warmup_teacher_temp", default=0.04, type=float,
@@ -398,14 +398,15 @@ class PatchWiseDINOLoss(nn.Module):
         center_momentum: EMA momentum of the center.
         cls_weight: ``None`` for the token mean over matched pairs; else the CLS weight lambda.
         chunk_elements: logits per chunk of the fused computation (its memory, 4 bytes each).
+        compile: ``torch.compile`` the fused computation's per-chunk softmax kernels.
     """
 
     def __init__(self, out_dim: int, num_positions: int, teacher_temps: np.ndarray, student_temp: float = 0.1,
                  center_momentum: float = 0.9, cls_weight: float | None = None,
-                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False):
         super().__init__()
         self.student_temp, self.center_momentum, self.cls_weight = student_temp, center_momentum, cls_weight
-        self.teacher_temps, self.chunk_elements = teacher_temps, chunk_elements
+        self.teacher_temps, self.chunk_elements, self.compile = teacher_temps, chunk_elements, compile
         self.register_buffer("center", torch.zeros(num_positions, out_dim))
 
     def forward(self, student_z: torch.Tensor, student_weight: torch.Tensor, teacher_z: torch.Tensor,
@@ -427,7 +428,8 @@ class PatchWiseDINOLoss(nn.Module):
         """
         self._check_positions(pairs.tokens_per_view[0], teacher_weight.shape[0])
         teacher_z = teacher_z.view(-1, pairs.tokens_per_view[0], teacher_z.shape[-1])
-        config = FusedConfig(self.student_temp, float(self.teacher_temps[epoch]), compute_dtype, self.chunk_elements)
+        config = FusedConfig(self.student_temp, float(self.teacher_temps[epoch]), compute_dtype, self.chunk_elements,
+                             self.compile)
         loss, cross_entropy, entropy = matched_cross_entropy(student_z, student_weight, teacher_z, teacher_weight,
                                                              self.center, pairs.partners, pairs.weights, config)
         stats = self._pair_statistics(cross_entropy, pairs, entropy / teacher_z.shape[:2].numel())
@@ -581,7 +583,7 @@ def teacher_temperature_schedule(args: argparse.Namespace) -> np.ndarray:
 def build_loss(args: argparse.Namespace) -> PatchWiseDINOLoss:
     num_positions = 1 + (args.global_crops_size // args.patch_size) ** 2 if args.patch_loss else 1
     return PatchWiseDINOLoss(args.out_dim, num_positions, teacher_temperature_schedule(args),
-                             cls_weight=args.cls_weight)
+                             cls_weight=args.cls_weight, compile=args.compile)
 
 
 # ----------------------------------------------------------------------------------------------
