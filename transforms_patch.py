@@ -13,6 +13,7 @@ worker; nothing here reseeds it. Every image gets its own views.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -68,7 +69,8 @@ _PIL_FILTERS = {InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.BILI
 class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
     """torchvision's RandomResizedCrop to a square ``size``, also returning the crop's geometry.
 
-    The crop box is drawn by torchvision's own ``get_params`` (same distribution, same RNG calls).
+    The crop box follows torchvision's ``get_params`` rule (same distribution), with all its random
+    numbers drawn in one call.
     """
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
@@ -82,9 +84,33 @@ class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
 
     def forward(self, image: Image.Image) -> tuple[Image.Image, ViewGeometry]:
         """Crop and resize in one PIL call (the filter reads true neighbours, not a clamped border, at the box edge)."""
-        top, left, height, width = self.get_params(image, self.scale, self.ratio)
+        top, left, height, width = self.draw_box(image.height, image.width)
         view = image.resize(self.size[::-1], _PIL_FILTERS[self.interpolation], box=(left, top, left + width, top + height))
         return view, ViewGeometry(top, left, height, width, False, self.size[0])
+
+
+    def draw_box(self, image_height: int, image_width: int, attempts: int = 10) -> tuple[int, int, int, int]:
+        """``top, left, height, width`` of a box with area ``U(scale)`` of the image and log aspect ratio
+        ``U(log ratio)``, at a uniform position; after ``attempts`` boxes that do not fit, the centred
+        crop of the image clipped to the ratio range (torchvision's rule)."""
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for area_u, ratio_u, top_u, left_u in torch.rand(attempts, 4).tolist():
+            area = image_height * image_width * (self.scale[0] + (self.scale[1] - self.scale[0]) * area_u)
+            aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * ratio_u)
+            width, height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < width <= image_width and 0 < height <= image_height:
+                top = min(int(top_u * (image_height - height + 1)), image_height - height)
+                left = min(int(left_u * (image_width - width + 1)), image_width - width)
+                return top, left, height, width
+        return self._centred_box(image_height, image_width)
+
+    def _centred_box(self, image_height: int, image_width: int) -> tuple[int, int, int, int]:
+        height, width = image_height, image_width
+        if image_width / image_height < min(self.ratio):
+            height = round(image_width / min(self.ratio))
+        elif image_width / image_height > max(self.ratio):
+            width = round(image_height * max(self.ratio))
+        return (image_height - height) // 2, (image_width - width) // 2, height, width
 
 
 class RandomHorizontalFlipWithGeometry(torch.nn.Module):

@@ -7,7 +7,7 @@ TINY = ["--device", "cpu", "--arch", "vit_tiny", "--patch_size", "8", "--embed_d
         "--num_heads", "2", "--out_dim", "64", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32",
         "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2", "--batch_size", "4",
         "--steps", "2", "--warmup", "1", "--num_workers", "0", "--data_batches", "1", "--augment_images", "2",
-        "--num_photos", "4", "--photo_size", "64", "48"]
+        "--num_photos", "4", "--photo_size", "64", "48", "--repeats", "1"]
 
 
 def test_bench_prints_its_table_and_writes_json(tmp_path, capsys):

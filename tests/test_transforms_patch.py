@@ -188,3 +188,22 @@ def test_every_image_and_every_worker_draws_its_own_views():
     assert len(boxes) >= 14  # distinct per sample and per worker (a few collisions are chance)
     first_worker, second_worker = geometries[:4], geometries[4:8]  # batches 0 and 1 come from workers 0 and 1
     assert not torch.equal(first_worker, second_worker)
+
+
+def test_box_distribution_is_torchvisions():
+    torch.manual_seed(0)
+    crop = RandomResizedCropWithGeometry(32, scale=(0.05, 0.4))
+    image = noise_image(400, 300)
+    ours = torch.tensor([crop.draw_box(300, 400) for _ in range(4000)], dtype=torch.float64)
+    theirs = torch.tensor([transforms.RandomResizedCrop.get_params(image, (0.05, 0.4), crop.ratio)
+                           for _ in range(4000)], dtype=torch.float64)
+    for boxes in (ours, theirs):
+        assert ((boxes[:, 0] >= 0) & (boxes[:, 0] + boxes[:, 2] <= 300)).all()
+        assert ((boxes[:, 1] >= 0) & (boxes[:, 1] + boxes[:, 3] <= 400)).all()
+    statistics = lambda b: torch.stack([b[:, 2] * b[:, 3] / 120000, (b[:, 3] / b[:, 2]).log(),
+                                        b[:, 0] / (300 - b[:, 2] + 1), b[:, 1] / (400 - b[:, 3] + 1)])
+    torch.testing.assert_close(statistics(ours).mean(1), statistics(theirs).mean(1), rtol=0, atol=0.02)
+    torch.testing.assert_close(statistics(ours).std(1), statistics(theirs).std(1), rtol=0, atol=0.02)
+    for height, width in ((10, 1000), (1000, 10), (50, 60)):  # no box fits: torchvision's centred fallback
+        fallback = transforms.RandomResizedCrop.get_params(noise_image(width, height), (1.0, 1.0), (0.99, 1.0))
+        assert RandomResizedCropWithGeometry(8, scale=(1.0, 1.0), ratio=(0.99, 1.0)).draw_box(height, width) == fallback
