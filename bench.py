@@ -5,8 +5,9 @@ One command prints one table (and ``--json`` writes it). Parts (``--parts``):
 * ``step``: the full training step (teacher and student forward, loss, backward, clipping, AdamW,
   EMA, center) of ``patch_wise_dino.Trainer`` on synthetic uint8 crops and geometries drawn like
   training views; warm-up steps, then the median of ``--steps`` device-synchronised steps, in
-  images per second and peak GPU memory. ``--out_dim``, ``--patch_loss``, ``--fused_loss``,
-  ``--precision``, ``--compile`` and ``--gpu_augment`` take several values: every combination is a row.
+  images per second and peak memory (GPU: allocated; CPU: the process's high-water mark).
+  ``--out_dim``, ``--patch_loss``, ``--fused_loss``, ``--precision``, ``--compile`` and
+  ``--gpu_augment`` take several values: every combination is a row.
 * ``data``: the training data loader (decode, multi-crop with geometry, collate, pinning) on a
   folder of photos with ``--num_workers`` processes.
 * ``augment``: one process and one thread: our augmentation (with and without its photometric part)
@@ -26,13 +27,16 @@ import argparse
 import gc
 import itertools
 import json
+import resource
 import shutil
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
@@ -72,7 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Autocast precision (auto: bf16 on a GPU, fp32 on the CPU).")
     group.add_argument("--compile", default=[False], type=utils.bool_flag, nargs="+", help="torch.compile the models.")
     group.add_argument("--gpu_augment", default=[False], type=utils.bool_flag, nargs="+",
-                       help="Photometric augmentation on the device (in the step) instead of in the data workers.")
+                       help="Photometric augmentation on the device, inside the timed step (the 'data' part "
+                            "always measures both kinds of loader).")
     group = parser.add_argument_group("timing")
     group.add_argument("--warmup", default=5, type=int, help="Untimed steps (and data batches) first.")
     group.add_argument("--steps", default=20, type=int, help="Timed steps; the median is reported.")
@@ -155,6 +160,9 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
             rows.append({"part": "step", "setting": setting, **time_step(args, variant, device)})
         except torch.OutOfMemoryError:
             rows.append({"part": "step", "setting": setting, "note": "out of memory"})
+        except Exception as error:  # one failing variant (e.g. a compiler error) must not lose the others
+            traceback.print_exc()
+            rows.append({"part": "step", "setting": setting, "note": f"failed: {type(error).__name__}: {error}"[:200]})
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -171,21 +179,36 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_gib(device: torch.device) -> float | None:
-    """Peak allocated GPU memory since the last reset; None on the CPU."""
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+def peak_memory_gib(device: torch.device) -> float:
+    """GPU: peak allocated memory since the last reset. CPU: the process's resident-set high-water mark
+    (it never resets: compare CPU variants run in separate invocations)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 # ----------------------------------------------------------------------------------------------
 # Data pipeline and augmentation.
 # ----------------------------------------------------------------------------------------------
 def make_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
-    """``count`` JPEGs (quality 90) of ``size`` resized from the test fixture photos."""
+    """``count`` JPEGs (quality 95) of ``size`` resized from the test fixture photos, with film grain
+    (sigma 8) so that they decode about as slowly as camera photos of that size rather than as smooth upscales."""
     sources = sorted(FIXTURE_PHOTOS.glob("*.jpg"))
+    generator = torch.Generator().manual_seed(0)
     for index in range(count):
         with Image.open(sources[index % len(sources)]) as photo:
-            photo.convert("RGB").resize(size, Image.BICUBIC).save(folder / f"{index:04}.jpg", quality=90)
+            pixels = torch.from_numpy(np.array(photo.convert("RGB").resize(size, Image.BICUBIC))).float()
+        grain = 8 * torch.randn(pixels.shape, generator=generator)
+        Image.fromarray((pixels + grain).clamp(0, 255).byte().numpy()).save(folder / f"{index:04}.jpg", quality=95)
     return folder
+
+
+def describe_photos(photos: Path) -> str:
+    files = utils.list_images(photos)
+    with Image.open(files[0]) as first:
+        width, height = first.size
+    kilobytes = sum(f.stat().st_size for f in files) / len(files) / 1000
+    return f"{len(files)} photos like {width}x{height}, {kilobytes:.0f} kB"
 
 
 def multicrop(args: argparse.Namespace, photometric: bool) -> MultiCropAugmentation:
@@ -245,9 +268,10 @@ def time_augment(transform: Callable, photos: Path, count: int) -> float:
 
 
 def data_rows(args: argparse.Namespace, photos: Path) -> list[dict]:
-    return [{"part": "data", "setting": f"{args.num_workers} workers, "
-             + ("crop+flip (photometrics on the device)" if gpu_augment else "full recipe") + ", uint8 views",
-             **time_data(args, photos, gpu_augment)} for gpu_augment in args.gpu_augment]
+    """The loader with the whole recipe in the workers, and with only crop and flip there (``--gpu_augment``)."""
+    recipes = {False: "full recipe", True: "crop+flip (photometrics on the device)"}
+    return [{"part": "data", "setting": f"{args.num_workers} workers, {recipe}, {describe_photos(photos)}",
+             **time_data(args, photos, gpu_augment)} for gpu_augment, recipe in recipes.items()]
 
 
 def augment_rows(args: argparse.Namespace, photos: Path) -> list[dict]:
@@ -259,7 +283,7 @@ def augment_rows(args: argparse.Namespace, photos: Path) -> list[dict]:
     for _ in range(args.repeats):  # interleaved, so that a busy spell on a shared machine hits all alike
         for name, transform in candidates.items():
             best[name] = min(best[name], time_augment(transform, photos, args.augment_images))
-    return [{"part": "augment", "setting": f"{name}, 1 core", "img_per_s": args.augment_images / seconds,
+    return [{"part": "augment", "setting": f"{name}, 1 core, {describe_photos(photos)}", "img_per_s": args.augment_images / seconds,
              "ms": 1000 * seconds / args.augment_images} for name, seconds in best.items()]
 
 
@@ -288,7 +312,7 @@ def matching_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def format_table(rows: list[dict], device: torch.device) -> str:
     """A Markdown table of the rows."""
     lines = [f"device: {describe_device(device)}; torch {torch.__version__}",
-             "| part | setting | img/s | ms per step/batch/image | peak GPU memory (GiB) | note |",
+             "| part | setting | img/s | ms per step/batch/image | peak memory (GiB) | note |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
     for row in rows:
         speed = f"{row['img_per_s']:.1f}" if "img_per_s" in row else "-"
