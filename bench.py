@@ -8,8 +8,8 @@ One command prints one table (and ``--json`` writes it). Parts (``--parts``):
   images per second and peak memory (GPU: allocated; CPU: the process's high-water mark).
   ``--out_dim``, ``--patch_loss``, ``--fused_loss``, ``--precision``, ``--compile`` and
   ``--gpu_augment`` take several values: every combination is a row.
-* ``data``: the training data loader (decode, multi-crop with geometry, collate, pinning) on a
-  folder of photos with ``--num_workers`` processes.
+* ``data``: the training loader (``TrainingImages``: decode and per-sample seeding; multi-crop with
+  geometry; collate; pinning) on a folder of photos with ``--num_workers`` processes.
 * ``augment``: one process and one thread: our augmentation (with and without its photometric part)
   against DINO's recipe built from stock torchvision transforms, decode included, images per second.
 * ``matching``: the batched patch matching of a batch (every view pair), as the step runs it.
@@ -39,14 +39,14 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 import utils
 import vision_transformer as vits
-from patch_wise_dino import FlatImageFolder, build_trainer, compute_matches, get_args_parser as training_parser
-from patch_wise_dino import matched_pairs
+from patch_wise_dino import (TrainingImages, build_trainer, compute_matches, get_args_parser as training_parser,
+                             list_training_images, matched_pairs)
 from transforms_patch import (IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, RandomResizedCropWithGeometry,
                               collate_multicrop)
 
@@ -137,7 +137,8 @@ def synthetic_batch(args: argparse.Namespace, pin: bool):
 
 def time_step(args: argparse.Namespace, variant: dict, device: torch.device) -> dict:
     """Median time of full training steps for one variant."""
-    trainer = build_trainer(training_args(args, variant), device, iters_per_epoch=args.warmup + args.steps)
+    schedule = DataLoader(range(args.batch_size * (args.warmup + args.steps)), batch_size=args.batch_size)
+    trainer = build_trainer(training_args(args, variant), device, schedule)  # the loader sets the schedules' length
     batches = [synthetic_batch(args, pin=device.type == "cuda") for _ in range(2)]
     reset_peak_memory(device)
     times = []
@@ -204,7 +205,7 @@ def make_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
 
 
 def describe_photos(photos: Path) -> str:
-    files = utils.list_images(photos)
+    files = list_training_images(photos)
     with Image.open(files[0]) as first:
         width, height = first.size
     kilobytes = sum(f.stat().st_size for f in files) / len(files) / 1000
@@ -218,10 +219,9 @@ def multicrop(args: argparse.Namespace, photometric: bool) -> MultiCropAugmentat
 
 def time_data(args: argparse.Namespace, photos: Path, gpu_augment: bool) -> dict:
     """Images per second out of the training DataLoader (workers, collate, pinning) after a warm-up."""
-    dataset = FlatImageFolder(photos, multicrop(args, photometric=not gpu_augment))
-    batches = args.warmup + args.data_batches
-    sampler = RandomSampler(dataset, replacement=True, num_samples=batches * args.batch_size)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+    dataset = TrainingImages(list_training_images(photos), multicrop(args, photometric=not gpu_augment))
+    items = [(index % len(dataset), index) for index in range((args.warmup + args.data_batches) * args.batch_size)]
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=items, num_workers=args.num_workers,
                         collate_fn=collate_multicrop, pin_memory=torch.cuda.is_available(), drop_last=True)
     iterator = iter(loader)
     for _ in range(args.warmup):  # worker start-up and the first prefetches
@@ -255,13 +255,13 @@ def stock_dino_recipe(args: argparse.Namespace) -> Callable:
 
 def time_augment(transform: Callable, photos: Path, count: int) -> float:
     """Seconds to decode and augment ``count`` photos in this process with one thread."""
-    dataset = FlatImageFolder(photos, transform)
+    dataset = TrainingImages(list_training_images(photos), transform)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    dataset[0]
+    dataset[0, 0]
     start = time.perf_counter()
     for index in range(count):
-        dataset[index % len(dataset)]
+        dataset[index % len(dataset), index]
     elapsed = time.perf_counter() - start
     torch.set_num_threads(threads)
     return elapsed

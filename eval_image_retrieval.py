@@ -127,8 +127,7 @@ class ImageList(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        with Image.open(self.files[index]) as image:
-            image = image.convert("RGB")
+        image = utils.read_rgb_image(self.files[index])
         if self.boxes is not None:
             image = image.crop(tuple(float(v) for v in self.boxes[index]))
         return self.transform(image), index

@@ -76,12 +76,13 @@ class IndexedImageFolder(ImageFolder):
 
 
 def build_split(data_path: str | Path, split: str, transform, dataset_class=ImageFolder) -> ImageFolder:
-    """``<data_path>/<split>/<class>/*`` as an ImageFolder, with an error that names the layout."""
+    """``<data_path>/<split>/<class>/*`` as an ImageFolder, with an error that names the layout; images are
+    read by ``utils.read_rgb_image`` (16-bit and palette images converted, unreadable ones named)."""
     folder = Path(data_path) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found: the dataset must be laid out as "
                                 f"{data_path}/train/<class>/* and {data_path}/val/<class>/*")
-    return dataset_class(str(folder), transform=transform)
+    return dataset_class(str(folder), transform=transform, loader=utils.read_rgb_image)
 
 
 def sequential_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:

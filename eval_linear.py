@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.evaluate:
         path = Path(args.head_weights or output_dir / CHECKPOINT_NAME)
-        probe.load_state_dict(utils.load_checkpoint(path)["probe"], path, heads_only=True)
+        probe.load_state_dict(load_probe_checkpoint(path)["probe"], path, heads_only=True)
         best = report(evaluate(probe, val_loader, feature_fn, val_labels, device))
     else:
         best = train(args, probe, train_loader, val_loader, val_labels, feature_fn, device, output_dir)
@@ -238,11 +238,19 @@ def main(args: argparse.Namespace) -> dict:
     return best
 
 
+def load_probe_checkpoint(path: Path) -> dict:
+    """A linear-probe checkpoint (``probe``, ``epoch``, ``best``), or an error naming the file and the fix."""
+    checkpoint = utils.load_checkpoint(path)
+    utils.require_keys(checkpoint, ("probe", "epoch", "best"), path, "linear-probe checkpoint of eval_linear.py",
+                       "pass a linear_checkpoint.pth written by eval_linear.py, or move the file away")
+    return checkpoint
+
+
 def train(args, probe: Probe, train_loader, val_loader, val_labels, feature_fn, device, output_dir: Path) -> dict:
     checkpoint_path = output_dir / CHECKPOINT_NAME
     start_epoch, best = 0, None
     if checkpoint_path.exists():
-        checkpoint = utils.load_checkpoint(checkpoint_path)
+        checkpoint = load_probe_checkpoint(checkpoint_path)
         probe.load_state_dict(checkpoint["probe"], checkpoint_path)
         start_epoch, best = checkpoint["epoch"], checkpoint["best"]
         print(f"Resumed linear heads from {checkpoint_path} at epoch {start_epoch}")

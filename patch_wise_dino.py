@@ -5,7 +5,10 @@ Single process (CPU or one GPU):
 Several GPUs or nodes:
     torchrun --nproc_per_node=4 patch_wise_dino.py --data_path /path/to/train --output_dir out
 
-Restarting the same command resumes from ``<output_dir>/checkpoint.pth``.
+Restarting the same command (also after ``kill -9``, or under ``torchrun --max_restarts``) resumes from
+``<output_dir>/checkpoint.pth``, at the next iteration when ``--save_every_iters`` wrote it mid-epoch, and
+ends with the weights an uninterrupted run would have: every random draw is a function of (seed, epoch,
+rank, position in the epoch), never of the process history.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import argparse
 import datetime
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +38,7 @@ from transforms_patch import MultiCropAugmentation, collate_multicrop
 from vision_transformer import DINOHead
 
 NUM_GLOBAL_VIEWS = 2
+SAMPLE_SEED, STEP_SEED = 0, 1  # tags that keep the two kinds of derived seeds apart
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -126,6 +131,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--output_dir", default=".", type=str, help="Where logs and checkpoints are written.")
     group.add_argument("--saveckp_freq", default=20, type=int,
                        help="Keep checkpoint{epoch:04}.pth every this many epochs (0: never).")
+    group.add_argument("--save_every_iters", default=0, type=int,
+                       help="Also write checkpoint.pth every this many iterations within an epoch (0: only at "
+                            "epoch ends). A restart continues at the next iteration, exactly as if uninterrupted.")
+    group.add_argument("--allow_args_change", action="store_true",
+                       help="Resume even though arguments that decide the result (RESUME_CRITICAL_ARGS: model, "
+                            "loss, schedules, crops, batch size, seed, epochs) or the number of images or "
+                            "processes differ from the checkpoint's; the run is then no longer an exact "
+                            "continuation. Without it such a resume stops and lists the differences.")
+    group.add_argument("--strict_images", action="store_true",
+                       help="Stop at the first unreadable (corrupt, truncated) image. By default it is reported "
+                            "with its path, replaced by another image and counted (skipped_images in log.txt).")
     group.add_argument("--seed", default=0, type=int, help="Seed of initialisation, data order and augmentation.")
     group.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
     utils.add_device_arg(group)
@@ -147,10 +163,17 @@ def validate_args(args: argparse.Namespace) -> None:
                  "local_crops_size", "head_hidden_dim", "head_bottleneck_dim"):
         if getattr(args, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("local_crops_number", "num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
-                 "warmup_teacher_temp_epochs"):
+    for name in ("embed_dim", "depth", "num_heads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("local_crops_number", "num_workers", "saveckp_freq", "save_every_iters", "warmup_epochs",
+                 "freeze_last_layer", "warmup_teacher_temp_epochs"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        low, high = getattr(args, name)
+        if not 0 < low <= high <= 1:
+            problems.append(f"--{name} must satisfy 0 < min <= max <= 1, got {low} {high}")
     if args.warmup_teacher_temp_epochs > args.epochs:
         problems.append("--warmup_teacher_temp_epochs cannot exceed --epochs")
     if min(args.teacher_temp, args.warmup_teacher_temp) <= 0:
@@ -168,34 +191,89 @@ def validate_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 # Data.
 # ----------------------------------------------------------------------------------------------
-class FlatImageFolder(Dataset):
-    """Every image file directly inside ``root`` (sorted by name), each with label 0."""
+def list_training_images(data_path: str | Path) -> list[Path]:
+    """The image files of an ImageFolder (class sub-folders) or, failing that, directly inside ``data_path``.
 
-    def __init__(self, root: str | Path, transform=None):
-        self.files = utils.list_images(root)
-        self.transform = transform
+    Files are recognised by extension (``utils.IMAGE_EXTENSIONS``); anything else is ignored.
+    """
+    root = Path(data_path)
+    if any(child.is_dir() for child in root.iterdir()):
+        files = [Path(path) for path, _ in ImageFolder(str(root), allow_empty=True).samples]
+        if files:
+            return files
+    files = utils.list_images(root)
+    if not files:
+        raise ValueError(f"no images found in {root}: expected class sub-folders of images (ImageFolder "
+                         f"layout) or image files ({', '.join(utils.IMAGE_EXTENSIONS)}) directly inside it")
+    return files
+
+
+class TrainingImages(Dataset):
+    """Augmented training images addressed by ``(index, seed)``: a sample is a function of those alone.
+
+    The augmentation draws from torch's generator seeded with ``seed`` (the caller's generator is left as
+    it was), so the views of a sample do not depend on which process or worker makes them. An unreadable
+    image is reported on stderr with its path and replaced by another one drawn from the same seed; with
+    ``strict`` it raises ``utils.UnreadableImageError`` instead.
+
+    Returns ``((views, geometry), replaced)``: the augmentation's output and how many unreadable images
+    were skipped to make this sample.
+    """
+
+    max_attempts = 10  # unreadable images in a row before training stops
+
+    def __init__(self, files: list[Path], transform, strict: bool = False):
+        self.files, self.transform, self.strict = files, transform, strict
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int):
-        with Image.open(self.files[index]) as image:
-            image = image.convert("RGB")
-        return (self.transform(image) if self.transform else image), 0
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with utils.seeded_cpu_rng(seed):
+            image, replaced = self._read_or_replace(index)
+            return self.transform(image), replaced
+
+    def _read_or_replace(self, index: int) -> tuple[Image.Image, int]:
+        """The image at ``index`` or, if unreadable, at seeded random indices; and the number skipped."""
+        for attempt in range(self.max_attempts):
+            try:
+                return utils.read_rgb_image(self.files[index]), attempt
+            except utils.UnreadableImageError as error:
+                if self.strict:
+                    raise utils.UnreadableImageError(f"{error} (--strict_images: fix or remove the file, or "
+                                                     "drop --strict_images to skip unreadable images)") from None
+                sys.stderr.write(f"warning: {error}; skipped, replaced by another image\n")
+                index = int(torch.randint(len(self.files), ()))
+        raise RuntimeError(f"{self.max_attempts} unreadable images in a row (the last {self.files[index]}); "
+                           "check --data_path")
 
 
-def build_dataset(data_path: str | Path, transform) -> Dataset:
-    """An ImageFolder when ``data_path`` has class sub-folders holding images, else a flat folder."""
-    root = Path(data_path)
-    if any(child.is_dir() for child in root.iterdir()):
-        dataset = ImageFolder(str(root), transform=transform, allow_empty=True)
-        if len(dataset):
-            return dataset
-    dataset = FlatImageFolder(root, transform)
-    if not len(dataset):
-        raise ValueError(f"no images found in {root}: expected class sub-folders of images (ImageFolder "
-                         f"layout) or image files ({', '.join(utils.IMAGE_EXTENSIONS)}) directly inside it")
-    return dataset
+class ResumableSampler(DistributedSampler):
+    """This process's share of a seeded shuffle of the dataset (``DistributedSampler``), as
+    ``(index, sample seed)`` items, from any position of the epoch.
+
+    ``set_epoch(epoch, start)`` skips the first ``start`` items of the epoch's order without reading them.
+    The seed of the item at position ``p`` is derived from ``(seed, epoch, rank, p)``: a resumed epoch
+    gives every remaining sample exactly the views the uninterrupted epoch gives it.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        super().__init__(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True,
+                         seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        for position in range(self.start, len(indices)):
+            yield indices[position], utils.derived_seed(self.seed, self.epoch, self.rank, SAMPLE_SEED, position)
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,6 +680,7 @@ class Schedules:
     """Per-iteration learning rate, weight decay and teacher momentum over the whole run."""
 
     def __init__(self, args: argparse.Namespace, iters_per_epoch: int):
+        self.iters_per_epoch = iters_per_epoch
         total_batch = args.batch_size_per_gpu * utils.get_world_size()
         self.lr = utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, iters_per_epoch,
                                          warmup_epochs=args.warmup_epochs)
@@ -615,19 +694,36 @@ class Schedules:
                 group["weight_decay"] = float(self.wd[iteration])
 
 
+@dataclass
+class ResumePoint:
+    """Where training continues: iteration ``iteration`` of epoch ``epoch`` (0: the epoch's start), with
+    the epoch's metric totals so far (``MetricLogger.global_totals``; kept by rank 0 only)."""
+
+    epoch: int = 0
+    iteration: int = 0
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+
 class Trainer:
     """Everything one training step touches, and the step itself."""
 
-    def __init__(self, args, student, teacher, loss_fn, optimizer, schedules, scaler, autocast_dtype, device):
+    def __init__(self, args, student, teacher, loss_fn, optimizer, schedules, scaler, autocast_dtype, device,
+                 run_facts: dict[str, int]):
         self.args, self.student, self.teacher, self.loss_fn = args, student, teacher, loss_fn
         self.optimizer, self.schedules, self.scaler = optimizer, schedules, scaler
         self.autocast_dtype, self.device = autocast_dtype, device
+        self.run_facts = run_facts  # what else, besides the arguments, an exact resume needs unchanged
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
         self.device_photometric = DevicePhotometric(args.local_crops_number) if args.gpu_augment else None
 
     def step(self, images: list[torch.Tensor], geometry: torch.Tensor, epoch: int, iteration: int,
              iteration_in_epoch: int) -> dict[str, float]:
-        """One optimisation step on a batch: views ``V x [B, 3, S, S]``, geometry ``[B, V, 6]``."""
+        """One optimisation step on a batch: views ``V x [B, 3, S, S]``, geometry ``[B, V, 6]``.
+
+        The step's own random draws (drop-path) are seeded from (seed, epoch, rank, iteration), so a
+        resumed run repeats them exactly.
+        """
+        torch.manual_seed(utils.derived_seed(self.args.seed, epoch, utils.get_rank(), STEP_SEED, iteration_in_epoch))
         self.schedules.apply(self.optimizer, iteration)
         images = self._prepare_views(images)
         matches = compute_matches(geometry.to(self.device, non_blocking=True), self.args.patch_size,
@@ -700,55 +796,165 @@ class Trainer:
             f"{self.args.output_dir} is untouched. Try a lower --lr, --precision fp32 or bf16, or a "
             f"lower --teacher_temp.")
 
-    def train_one_epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
+    def train_one_epoch(self, loader: DataLoader, epoch: int, start: ResumePoint) -> dict[str, float]:
+        """Run ``epoch`` from iteration ``start.iteration`` (the loader must start there too), writing
+        checkpoint.pth every ``--save_every_iters``; returns the epoch's mean statistics and its total
+        ``skipped_images``."""
         logger = utils.MetricLogger()
+        logger.add_totals(start.metrics)
         header = f"Epoch: [{epoch}/{self.args.epochs}]"
-        for index, (images, geometry, _) in enumerate(logger.log_every(loader, self.args.print_freq, header)):
-            logger.update(**self.step(images, geometry, epoch, epoch * len(loader) + index, index))
+        batches = logger.log_every(loader, self.args.print_freq, header)
+        for index, (images, geometry, replaced) in enumerate(batches, start=start.iteration):
+            iteration = epoch * self.schedules.iters_per_epoch + index
+            logger.update(**self.step(images, geometry, epoch, iteration, index), skipped_images=replaced.sum().item())
+            if self.mid_epoch_save_due(iteration, index):
+                save_checkpoint(self, ResumePoint(epoch, index + 1, logger.global_totals()))
         logger.synchronize_between_processes()
         print("Averaged stats:", logger, flush=True)
-        return logger.global_averages()
+        stats = logger.global_averages()
+        stats["skipped_images"] = int(logger.meters["skipped_images"].total)
+        if stats["skipped_images"]:
+            print(f"warning: {stats['skipped_images']} unreadable image(s) skipped in epoch {epoch} (paths above)")
+        return stats
+
+    def mid_epoch_save_due(self, iteration: int, iteration_in_epoch: int) -> bool:
+        """Whether ``--save_every_iters`` asks for a checkpoint after this iteration (epoch ends save anyway)."""
+        every = self.args.save_every_iters
+        return bool(every) and (iteration + 1) % every == 0 and iteration_in_epoch + 1 < self.schedules.iters_per_epoch
 
 
-def checkpoint_state(trainer: Trainer, next_epoch: int) -> dict:
-    """DINO's checkpoint layout: student, teacher, optimizer, epoch (the next to run), args, dino_loss."""
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and resuming.
+# ----------------------------------------------------------------------------------------------
+RESUME_CRITICAL_ARGS = (
+    "arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
+    "norm_last_layer", "use_bn_in_head", "momentum_teacher", "drop_path_rate", "patch_loss", "cls_weight",
+    "matching", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs", "precision", "weight_decay",
+    "weight_decay_end", "clip_grad", "batch_size_per_gpu", "epochs", "freeze_last_layer", "lr", "warmup_epochs",
+    "min_lr", "optimizer", "global_crops_scale", "global_crops_size", "local_crops_number", "local_crops_scale",
+    "local_crops_size", "seed")
+
+
+def checkpoint_state(trainer: Trainer, point: ResumePoint) -> dict:
+    """DINO's checkpoint layout (student, teacher, optimizer, epoch, args, dino_loss) plus ``iteration``,
+    ``epoch_metrics`` and ``run`` (image and process counts): ``epoch``/``iteration`` is the next step."""
     state = {"student": trainer.student.state_dict(), "teacher": trainer.teacher.state_dict(),
-             "optimizer": trainer.optimizer.state_dict(), "epoch": next_epoch, "args": vars(trainer.args),
+             "optimizer": trainer.optimizer.state_dict(), "epoch": point.epoch, "iteration": point.iteration,
+             "epoch_metrics": point.metrics, "args": vars(trainer.args), "run": trainer.run_facts,
              "dino_loss": trainer.loss_fn.state_dict()}
     if trainer.scaler is not None:
         state["fp16_scaler"] = trainer.scaler.state_dict()
     return state
 
 
-def restore_checkpoint(path: Path, trainer: Trainer) -> int:
-    """Load a training checkpoint into the trainer; returns the epoch to start from (0 without one)."""
+def check_finite_weights(trainer: Trainer, point: ResumePoint) -> None:
+    """Refuse to checkpoint non-finite weights: the last good checkpoint must survive a divergence."""
+    parameters = list(trainer.student.parameters())
+    if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
+        raise FloatingPointError(
+            f"the student's weights are not finite at the checkpoint for epoch {point.epoch}, iteration "
+            f"{point.iteration} (the next step); not saved, and the last good checkpoint in "
+            f"{trainer.args.output_dir} is untouched. Try a lower --lr or --clip_grad, --precision fp32 or bf16, "
+            "or a lower --teacher_temp.")
+
+
+def save_checkpoint(trainer: Trainer, point: ResumePoint, also: tuple[Path, ...] = ()) -> None:
+    """Rank 0: write checkpoint.pth (atomically, after any ``also`` copies) so that a restart continues at ``point``."""
+    if not utils.is_main_process():
+        return
+    check_finite_weights(trainer, point)
+    state = checkpoint_state(trainer, point)
+    path = Path(trainer.args.output_dir) / "checkpoint.pth"
+    for copy in (*also, path):  # checkpoint.pth last: it is the commit point a restart trusts
+        utils.save_atomic(state, copy)
+    print(f"Saved {path}: next epoch {point.epoch}, iteration {point.iteration}", flush=True)
+
+
+def restore_checkpoint(path: Path, trainer: Trainer) -> ResumePoint:
+    """Load a training checkpoint into the trainer and return where to continue (the start without one).
+
+    A file that is not a complete training checkpoint, or one written with other result-deciding
+    settings (unless ``--allow_args_change``), stops with an error: never a silent fresh start.
+    """
     if not path.exists():
-        return 0
+        return ResumePoint()
     checkpoint = utils.load_checkpoint(path)
-    missing = [key for key in ("student", "teacher", "optimizer", "epoch", "dino_loss") if key not in checkpoint]
-    if missing:
-        raise RuntimeError(f"{path} is not a PW-Self training checkpoint (no {', '.join(missing)}); move it "
-                           "away or choose another --output_dir")
+    utils.require_keys(checkpoint, ("student", "teacher", "optimizer", "epoch", "dino_loss"), path,
+                       "PW-Self training checkpoint", "move it away or choose another --output_dir")
+    check_resume_args(checkpoint, trainer, path)
     utils.load_state_strict(trainer.student_module, utils.strip_prefixes(checkpoint["student"]), "student", path)
     utils.load_state_strict(trainer.teacher, utils.strip_prefixes(checkpoint["teacher"]), "teacher", path)
     utils.load_state_strict(trainer.loss_fn, checkpoint["dino_loss"], "loss state (center)", path)
     trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     if trainer.scaler is not None and "fp16_scaler" in checkpoint:
         trainer.scaler.load_state_dict(checkpoint["fp16_scaler"])
-    print(f"Resumed from {path}: next epoch {checkpoint['epoch']}", flush=True)
-    return int(checkpoint["epoch"])
+    point = ResumePoint(int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0)),
+                        checkpoint.get("epoch_metrics", {}) if utils.is_main_process() else {})
+    print(f"Resumed from {path}: next epoch {point.epoch}, iteration {point.iteration}", flush=True)
+    return point
 
 
-def build_loader(args: argparse.Namespace, generator: torch.Generator) -> DataLoader:
+def resume_differences(checkpoint: dict, args: argparse.Namespace, run_facts: dict[str, int]) -> list[str]:
+    """The result-deciding settings (``RESUME_CRITICAL_ARGS``, image and process counts) that differ
+    from the checkpoint's, one readable line each; settings the checkpoint does not record are skipped."""
+    def same(a, b) -> bool:
+        return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+    saved_args, saved_facts = checkpoint.get("args", {}), checkpoint.get("run", {})
+    lines = [f"--{name}: checkpoint {saved_args[name]}, now {getattr(args, name)}" for name in RESUME_CRITICAL_ARGS
+             if name in saved_args and not same(saved_args[name], getattr(args, name))]
+    return lines + [f"{name}: checkpoint {saved_facts[name]}, now {value}" for name, value in run_facts.items()
+                    if name in saved_facts and saved_facts[name] != value]
+
+
+def check_resume_args(checkpoint: dict, trainer: Trainer, path: Path) -> None:
+    """Stop (or, with ``--allow_args_change``, warn) when resuming would not continue the same run."""
+    differences = resume_differences(checkpoint, trainer.args, trainer.run_facts)
+    if not differences:
+        return
+    listing = "\n  ".join(differences)
+    if not trainer.args.allow_args_change:
+        raise ValueError(f"{path} was written by a run with other settings that decide the result:\n  {listing}\n"
+                         "Rerun with the checkpoint's values, choose another --output_dir to start afresh, or pass "
+                         "--allow_args_change to continue anyway (then not an exact continuation).")
+    print(f"warning: resuming {path} with changed settings (--allow_args_change):\n  {listing}", flush=True)
+
+
+def trim_log(log_path: Path, next_epoch: int) -> None:
+    """Drop log lines of epochs >= ``next_epoch`` (and torn lines): they come from a run that died
+    after logging an epoch but before its checkpoint, and the epoch is about to be redone."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_epoch(line) < next_epoch]
+    if len(kept) < len(lines):
+        utils.write_text_atomic("".join(kept), log_path)
+        print(f"Dropped {len(lines) - len(kept)} line(s) of {log_path} that the checkpoint does not cover")
+
+
+def _logged_epoch(line: str) -> float:
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # torn by a kill mid-write
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and running.
+# ----------------------------------------------------------------------------------------------
+def build_loader(args: argparse.Namespace) -> DataLoader:
+    """The training loader: ``TrainingImages`` through a ``ResumableSampler``, full batches only.
+
+    Batches are ``(views V x [B, 3, S, S], geometry [B, V, 6], replaced [B])``, ``replaced`` counting
+    the unreadable images skipped for each sample.
+    """
     augmentation = MultiCropAugmentation(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
                                          args.local_crops_number, args.global_crops_size, args.local_crops_size,
                                          photometric=not args.gpu_augment)
-    dataset = build_dataset(args.data_path, augmentation)
-    sampler = DistributedSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
-                                 shuffle=True, seed=args.seed)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_multicrop,
-                        generator=generator)
+    dataset = TrainingImages(list_training_images(args.data_path), augmentation, args.strict_images)
+    loader = DataLoader(dataset, sampler=ResumableSampler(dataset, args.seed), batch_size=args.batch_size_per_gpu,
+                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+                        collate_fn=collate_multicrop)
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} images give no full batch of {args.batch_size_per_gpu} per process "
                          f"over {utils.get_world_size()} process(es); lower --batch_size_per_gpu")
@@ -756,7 +962,7 @@ def build_loader(args: argparse.Namespace, generator: torch.Generator) -> DataLo
     return loader
 
 
-def build_trainer(args: argparse.Namespace, device: torch.device, iters_per_epoch: int) -> Trainer:
+def build_trainer(args: argparse.Namespace, device: torch.device, loader: DataLoader) -> Trainer:
     torch.manual_seed(args.seed)  # the same initial weights on every process
     student, teacher = build_student_teacher(args)
     if utils.is_distributed() and args.use_bn_in_head and device.type == "cuda":
@@ -775,31 +981,28 @@ def build_trainer(args: argparse.Namespace, device: torch.device, iters_per_epoc
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     print(f"Student and teacher: {args.arch}/{args.patch_size}, {sum(p.numel() for p in student.parameters()):,} "
           f"parameters; precision {autocast_dtype or torch.float32}; device {device}", flush=True)
-    return Trainer(args, student, teacher, loss_fn, optimizer, Schedules(args, iters_per_epoch), scaler,
-                   autocast_dtype, device)
-
-
-def seed_epoch(args: argparse.Namespace, epoch: int, loader: DataLoader, generator: torch.Generator) -> None:
-    """Make an epoch's data order and randomness a function of (seed, epoch, rank) alone.
-
-    This is what makes resuming exact: an epoch replays identically whether or not the run
-    was interrupted before it.
-    """
-    loader.sampler.set_epoch(epoch)
-    generator.manual_seed(utils.derived_seed(args.seed, epoch, utils.get_rank(), 0))  # worker seeds
-    torch.manual_seed(utils.derived_seed(args.seed, epoch, utils.get_rank(), 1))  # in-process draws
+    run_facts = {"num_images": len(loader.dataset), "world_size": utils.get_world_size()}
+    return Trainer(args, student, teacher, loss_fn, optimizer, Schedules(args, len(loader)), scaler,
+                   autocast_dtype, device, run_facts)
 
 
 def write_epoch_outputs(trainer: Trainer, output_dir: Path, epoch: int, train_stats: dict) -> None:
-    """Rank 0: checkpoint.pth (atomically), the periodic copy, and one JSON line in log.txt."""
+    """Rank 0: one JSON line in log.txt, the periodic copy, then checkpoint.pth (atomically, last)."""
     if not utils.is_main_process():
         return
-    state = checkpoint_state(trainer, epoch + 1)
-    utils.save_atomic(state, output_dir / "checkpoint.pth")
-    if trainer.args.saveckp_freq and (epoch + 1) % trainer.args.saveckp_freq == 0:
-        utils.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
     with open(output_dir / "log.txt", "a") as log:
         log.write(json.dumps({"epoch": epoch, **train_stats}) + "\n")
+    keep = trainer.args.saveckp_freq and (epoch + 1) % trainer.args.saveckp_freq == 0
+    save_checkpoint(trainer, ResumePoint(epoch + 1), also=(output_dir / f"checkpoint{epoch:04}.pth",) if keep else ())
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Rank 0: create ``output_dir`` and clear temporaries left by a process killed while saving."""
+    if not utils.is_main_process():
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in utils.remove_stale_temporaries(output_dir):
+        print(f"Removed {stale}, left by a process killed while writing it", flush=True)
 
 
 def main(args: argparse.Namespace) -> Trainer:
@@ -808,23 +1011,25 @@ def main(args: argparse.Namespace) -> Trainer:
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     output_dir = Path(args.output_dir)
-    if utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    prepare_output_dir(output_dir)
     print("\n".join(f"{name}: {value}" for name, value in sorted(vars(args).items())), flush=True)
 
-    generator = torch.Generator()
-    loader = build_loader(args, generator)
-    trainer = build_trainer(args, device, len(loader))
-    start_epoch = restore_checkpoint(output_dir / "checkpoint.pth", trainer)
-    if start_epoch >= args.epochs:
-        print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {start_epoch} of {args.epochs}.")
+    loader = build_loader(args)
+    trainer = build_trainer(args, device, loader)
+    resume = restore_checkpoint(output_dir / "checkpoint.pth", trainer)
+    if utils.is_main_process():
+        utils.write_text_atomic(json.dumps(vars(args), indent=2) + "\n", output_dir / "args.json")
+        trim_log(output_dir / "log.txt", resume.epoch)
+    if resume.epoch >= args.epochs:
+        print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {resume.epoch} "
+              f"of {args.epochs}.")
         return trainer
 
     start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args, epoch, loader, generator)
-        train_stats = trainer.train_one_epoch(loader, epoch)
+    for epoch in range(resume.epoch, args.epochs):
+        start = resume if epoch == resume.epoch else ResumePoint(epoch)
+        loader.sampler.set_epoch(epoch, start.iteration * args.batch_size_per_gpu)
+        train_stats = trainer.train_one_epoch(loader, epoch, start)
         write_epoch_outputs(trainer, output_dir, epoch, train_stats)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}", flush=True)
     return trainer

@@ -8,8 +8,8 @@ Patch matching (``patch_matching.py``) turns two geometries into token correspon
 A geometry travels as a float64 tensor row ``[top, left, height, width, flipped, size]`` (float64
 holds every pixel coordinate exactly, and the matching rule rounds float64 ratios).
 
-All randomness comes from torch's global generator, which DataLoader seeds differently in every
-worker; nothing here reseeds it. Every image gets its own views.
+All randomness comes from torch's global generator; nothing here reseeds it (training seeds it per
+sample, see ``patch_wise_dino.TrainingImages``). Every image gets its own views.
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, to
     Returns:
         images: list of ``V`` tensors ``[B, 3, S_v, S_v]``, one per view;
         geometry: float64 ``[B, V, 6]``;
-        labels: int64 ``[B]``.
+        labels: int64 ``[B]`` (any per-sample integer: training passes counts of skipped images).
     """
     samples, labels = zip(*batch)
     views_per_sample, geometries = zip(*samples)

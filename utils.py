@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import datetime
 import os
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from PIL import Image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,6 +40,34 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside ``folder`` (by extension, case-insensitive), sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (corrupt, truncated, or not an image)."""
+
+
+def read_rgb_image(path: str | Path) -> Image.Image:
+    """Decode an image file fully and return it as 8-bit RGB, or raise ``UnreadableImageError`` naming it.
+
+    Grayscale, RGBA, palette and CMYK images are converted; 16-bit images are scaled to 8 bits
+    (a plain PIL ``convert`` would clip them to white).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated files fail here, not later inside a transform
+            return to_rgb(image)
+    except Exception as error:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...) for bad files
+        raise UnreadableImageError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode (``I;16*`` and ``I`` are taken as 16-bit and scaled by 255 / 65535)."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palettes with transparency convert cleanly only through RGBA
+    return image.convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,10 +100,21 @@ def init_distributed(device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    warn_if_restarts_share_a_store()
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
                             device_id=device if device.type == "cuda" else None)
     dist.barrier()
     silence_non_main_processes()
+
+
+def warn_if_restarts_share_a_store() -> None:
+    """Rank 0 warns when ``torchrun --max_restarts`` keeps one rendezvous store across restarts: restarted
+    processes can then read the dead ones' addresses and fail to connect (PyTorch issue #135712)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
+        print("warning: torchrun --max_restarts with a shared rendezvous store may fail to reconnect after a "
+              "restart (PyTorch issue #135712); launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+              flush=True)
 
 
 def silence_non_main_processes() -> None:
@@ -111,9 +152,29 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the GPU under nccl, else the CPU."""
+    return torch.device("cuda") if is_distributed() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def derived_seed(seed: int, *parts: int) -> int:
     """A seed for (seed, epoch, rank, ...) combinations that never collide in practice."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Inside the block torch's CPU generator is seeded with ``seed``; afterwards it is as before.
+
+    (``torch.random.fork_rng`` plus ``torch.manual_seed`` does the same ~50x slower, too slow per sample.)
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,34 +290,66 @@ def strip_prefixes(state_dict: dict, prefixes: Iterable[str] = ("module.",)) -> 
 # Checkpoints.
 # ----------------------------------------------------------------------------------------------
 def save_atomic(state: dict, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flush it to disk, then rename over ``path``.
+    """``torch.save`` to ``path`` atomically: a crash at any moment leaves the previous file or the new one.
 
-    A crash at any moment leaves either the previous file or the new one, never a partial file.
+    A killed process may leave its temporary behind (``remove_stale_temporaries`` clears it). A failed
+    write (a full disk, say) removes the temporary and raises an ``OSError`` that names the file.
     """
+    write_atomic(path, lambda handle: torch.save(state, handle))
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write a text file atomically (never a half-written file)."""
+    write_atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write`` a hidden temporary beside ``path``, flush it to disk, then rename it over ``path``."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        raise OSError(f"could not write {path}: {error}. The previous {path.name} (if any) is intact; free disk "
+                      "space or fix the folder, then rerun the same command to resume from it.") from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries of ``write_atomic`` calls that were killed mid-write in ``folder``; returns them."""
+    stale = sorted(p for p in Path(folder).glob(".*.tmp.*") if p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     """Load a checkpoint (or state) dict on the CPU, or stop with an error that names the file and the fix."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist; check the path")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for truncated or foreign files
         raise RuntimeError(f"cannot read {what} {path}: {type(error).__name__}: {error}. The file is "
-                           "corrupt or not a PyTorch checkpoint; move it away to start afresh, or point to "
-                           "a good one.") from error
+                           "corrupt, truncated or not a PyTorch checkpoint; move it away to start afresh, or "
+                           "point to a good one.") from error
     if not isinstance(checkpoint, dict):
         raise RuntimeError(f"{path} holds a {type(checkpoint).__name__}, not a {what} dict")
     return checkpoint
+
+
+def require_keys(checkpoint: dict, keys: Iterable[str], path: str | Path, what: str, fix: str) -> None:
+    """Stop with a clear error when ``checkpoint`` (read from ``path``) lacks any of ``keys``."""
+    missing = [key for key in keys if key not in checkpoint]
+    if missing:
+        raise RuntimeError(f"{path} is not a {what} (no {', '.join(missing)}; it holds "
+                           f"{', '.join(map(str, list(checkpoint)[:8])) or 'nothing'}); {fix}")
 
 
 def load_state_strict(module: nn.Module, state_dict: dict, what: str, path: str | Path) -> None:
@@ -287,8 +380,7 @@ class SmoothedValue:
         """Make ``global_avg`` the mean over all processes (the window stays local)."""
         if not is_distributed():
             return
-        totals = torch.tensor([self.count, self.total], dtype=torch.float64,
-                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
         all_reduce_sum(totals)
         self.count, self.total = int(totals[0].item()), totals[1].item()
 
@@ -325,6 +417,20 @@ class MetricLogger:
 
     def global_averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def global_totals(self) -> dict[str, list[float]]:
+        """``{name: [total, count]}`` summed over all processes (every process must call it)."""
+        names = list(self.meters)  # the same order on every process (and in the epoch log)
+        sums = torch.tensor([[self.meters[name].total, self.meters[name].count] for name in names],
+                            dtype=torch.float64, device=collective_device())
+        all_reduce_sum(sums)
+        return {name: row for name, row in zip(names, sums.tolist())}
+
+    def add_totals(self, totals: dict[str, list[float]]) -> None:
+        """Continue the global means from ``global_totals`` of an interrupted run (the windows start empty)."""
+        for name, (total, count) in totals.items():
+            self.meters[name].total += total
+            self.meters[name].count += int(count)
 
     def __str__(self) -> str:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import TINY_ARGS, random_geometries
 from patch_wise_dino import (PatchWiseDINOLoss, build_trainer, compute_matches, get_args_parser, logits_per_view,
@@ -121,7 +122,7 @@ def test_fused_training_step_equals_reference_step(tmp_path, extra):
     for fused in ("true", "false"):
         args = get_args_parser().parse_args(TINY_ARGS + ["--data_path", str(tmp_path), "--fused_loss", fused,
                                                          "--freeze_last_layer", "0", "--drop_path_rate", "0"] + extra)
-        trainer = build_trainer(args, torch.device("cpu"), iters_per_epoch=2)
+        trainer = build_trainer(args, torch.device("cpu"), DataLoader(range(8), batch_size=4))
         stats = [trainer.step(images, geometry, 0, iteration, iteration) for iteration in range(2)]
         grads = {name: p.grad for name, p in trainer.student.named_parameters() if p.grad is not None}
         results.append((stats, grads, trainer.loss_fn.center))

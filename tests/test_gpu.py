@@ -1,6 +1,7 @@
 """Checks that need a CUDA device (skipped without one)."""
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import vision_transformer as vits
 from conftest import random_geometries
@@ -51,7 +52,7 @@ def _trainer_losses(tmp_path, extra, steps=2):
 
     args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
     args = get_args_parser().parse_args(args + ["--data_path", str(tmp_path), "--drop_path_rate", "0"] + extra)
-    trainer = build_trainer(args, torch.device("cuda"), iters_per_epoch=steps)
+    trainer = build_trainer(args, torch.device("cuda"), DataLoader(range(4 * steps), batch_size=4))
     images, geometry = synthetic_batch(4, 4, torch.Generator().manual_seed(0))
     return [trainer.step(images, geometry, 0, i, i)["loss"] for i in range(steps)]
 

@@ -93,8 +93,10 @@ def test_finished_run_is_not_retrained(image_folder, tmp_path, capsys):
 def test_bad_checkpoints_stop_with_clear_errors(image_folder, tmp_path):
     output = tmp_path / "run"
     main(parse(image_folder, output, "--epochs", "1"))
-    with pytest.raises(RuntimeError, match="does not fit the model"):
+    with pytest.raises(ValueError, match=r"other settings .*\n  --embed_dim: checkpoint 32, now 48\n"):
         main(parse(image_folder, output, "--epochs", "2", "--embed_dim", "48"))
+    with pytest.raises(RuntimeError, match="does not fit the model"):
+        main(parse(image_folder, output, "--epochs", "1", "--embed_dim", "48", "--allow_args_change"))
     (output / "checkpoint.pth").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(RuntimeError, match="cannot read checkpoint .*checkpoint.pth"):
         main(parse(image_folder, output, "--epochs", "2"))
@@ -132,30 +134,34 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(image_folder, tmp_path, monk
 
     monkeypatch.setattr(patch_wise_dino.PatchWiseDINOLoss, "forward", nan_loss)
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, iteration 0 \(loss_cls=.*lr="):
-        main(parse(image_folder, output, "--epochs", "2"))
+        main(parse(image_folder, output, "--epochs", "2", "--allow_args_change"))
     assert (output / "checkpoint.pth").read_bytes() == before
 
 
-def test_torchrun_two_processes_keep_identical_teachers(image_folder, tmp_path, root):
-    output = tmp_path / "ddp"
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(root)!r})\n"
-        "import patch_wise_dino, utils\n"
-        "trainer = patch_wise_dino.main(patch_wise_dino.get_args_parser().parse_args(sys.argv[1:]))\n"
-        "torch.save(trainer.teacher.state_dict(), f'{trainer.args.output_dir}/teacher_rank{utils.get_rank()}.pt')\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(launcher), *TINY_ARGS, "--data_path", str(image_folder), "--output_dir", str(output),
-               "--epochs", "2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rank0, rank1 = (torch.load(output / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1))
+def test_torchrun_keeps_identical_teachers_and_restarts_a_killed_process_exactly(image_folder, tmp_path, root):
+    def torchrun(output, *options, **environment):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *options,
+                   str(root / "tests" / "crash_launcher.py"), *TINY_ARGS, "--data_path", str(image_folder),
+                   "--output_dir", str(output), "--epochs", "2", "--batch_size_per_gpu", "2", "--depth", "2",
+                   "--save_every_iters", "1"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **environment}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    printed = torchrun(tmp_path / "ddp")
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
-    checkpoint = torch.load(output / "checkpoint.pth", weights_only=True)
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
     assert any(key.startswith("module.backbone.") for key in checkpoint["student"])
-    assert "Data: 12 images" in result.stdout and "1 iterations per epoch" in result.stdout
+    assert "Data: 12 images" in printed and "3 iterations per epoch" in printed
+
+    # Rank 1 is SIGKILLed inside iteration 1 of epoch 1; torchrun restarts both processes, which resume.
+    printed = torchrun(tmp_path / "restarted", "--max_restarts=1", PWSELF_KILL_AT="1:1", PWSELF_KILL_RANK="1",
+                       TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see utils.warn_if_restarts_share_a_store
+    assert "Resumed from" in printed and "next epoch 1, iteration 1" in printed and "warning: torchrun" not in printed
+    restarted = torch.load(tmp_path / "restarted" / "teacher_rank0.pt", weights_only=True)
+    assert all(torch.equal(restarted[key], rank0[key]) for key in rank0)
 
 
 def read_fashion_mnist(count: int) -> np.ndarray:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import utils
 
@@ -91,11 +92,49 @@ def test_save_atomic_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch)
         raise OSError("No space left on device")
 
     monkeypatch.setattr(utils.torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"could not write .*checkpoint.pth: No space left.*previous checkpoint.pth"):
         utils.save_atomic({"epoch": 2}, path)
     monkeypatch.undo()
     assert utils.load_checkpoint(path) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temporary left behind
+
+
+def test_atomic_text_and_stale_temporaries(tmp_path):
+    utils.write_text_atomic("one\n", tmp_path / "log.txt")
+    assert (tmp_path / "log.txt").read_text() == "one\n"
+    (tmp_path / ".checkpoint.pth.tmp.123").write_bytes(b"half")
+    (tmp_path / ".hidden").write_text("not ours")
+    assert [p.name for p in utils.remove_stale_temporaries(tmp_path)] == [".checkpoint.pth.tmp.123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "log.txt"]
+    with pytest.raises(FileNotFoundError, match="checkpoint file .*nothing.pth does not exist"):
+        utils.load_checkpoint(tmp_path / "nothing.pth")
+
+
+def test_read_rgb_image_converts_every_mode_and_names_bad_files(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    modes = {"l.png": "L", "la.png": "LA", "rgba.png": "RGBA", "p.png": "P", "cmyk.jpg": "CMYK"}
+    for name, mode in modes.items():
+        image.convert(mode).save(tmp_path / name, **({"transparency": 0} if mode == "P" else {}))
+        converted = utils.read_rgb_image(tmp_path / name)
+        assert converted.mode == "RGB" and converted.size == (5, 6), name
+    Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)).save(tmp_path / "sixteen.png")
+    assert np.asarray(utils.read_rgb_image(tmp_path / "sixteen.png"))[0, :, 0].tolist() == [0, 128, 255]
+    image.save(tmp_path / "whole.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:200])
+    with pytest.raises(utils.UnreadableImageError, match="cannot read image .*cut.jpg: OSError"):
+        utils.read_rgb_image(tmp_path / "cut.jpg")
+
+
+def test_metric_totals_carry_an_epoch_over_a_restart():
+    whole, first, second = utils.MetricLogger(), utils.MetricLogger(), utils.MetricLogger()
+    for value in (0.1, 0.7, 0.3):
+        whole.update(loss=value, lr=value / 3)
+    for value in (0.1, 0.7):
+        first.update(loss=value, lr=value / 3)
+    second.add_totals(first.global_totals())
+    second.update(loss=0.3, lr=0.3 / 3)
+    assert second.global_averages() == whole.global_averages() and list(second.meters) == ["loss", "lr"]
 
 
 def test_bool_flag_and_seeds_and_images(tmp_path):
@@ -119,3 +158,14 @@ def test_metric_logger_prints_progress(capsys):
     assert "loss: 2 (2)" in printed.splitlines()[2]  # median and mean of 0..4
     assert logger.global_averages() == {"loss": 2.0}
     assert math.isnan(utils.SmoothedValue().median)
+
+
+def test_torchrun_restarts_with_a_shared_store_are_warned_about(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    utils.warn_if_restarts_share_a_store()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in capsys.readouterr().out
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable gives
+    utils.warn_if_restarts_share_a_store()
+    assert capsys.readouterr().out == ""
