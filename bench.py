@@ -62,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     vits.add_backbone_args(group)
     group.add_argument("--head_hidden_dim", default=2048, type=int, help="Hidden width of the head's MLP.")
     group.add_argument("--head_bottleneck_dim", default=256, type=int, help="Width of the head's bottleneck.")
+    group.add_argument("--loss_chunk_mib", default=512, type=int, help="Chunk of the fused loss (MiB of logits).")
     group.add_argument("--batch_size", default=64, type=int, help="Images per step (per GPU).")
     group.add_argument("--global_crops_size", default=224, type=int, help="Side of the 2 global views.")
     group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local views.")
@@ -109,7 +110,7 @@ def training_args(args: argparse.Namespace, variant: dict) -> argparse.Namespace
     """The training script's arguments for one variant (defaults for everything else)."""
     train = training_parser().parse_args(["--data_path", "."])
     shared = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "head_hidden_dim", "head_bottleneck_dim",
-              "global_crops_size", "local_crops_size", "local_crops_number", "device")
+              "global_crops_size", "local_crops_size", "local_crops_number", "loss_chunk_mib", "device")
     for name in shared:
         setattr(train, name, getattr(args, name))
     for name, value in variant.items():

@@ -78,6 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "student head on matched tokens only (true/false). Same loss and gradients as false, "
                             "which materialises every token's [K] logits (the straightforward reference); "
                             "memory no longer grows with batch x tokens x K.")
+    group.add_argument("--loss_chunk_mib", default=512, type=int,
+                       help="Size of one chunk of float32 logits in the fused loss, in MiB: its transient "
+                            "memory is a few chunks; larger chunks mean fewer, larger kernels.")
 
     group.add_argument("--compile", default=False, type=utils.bool_flag,
                        help="torch.compile the student, the teacher and the fused loss's softmax kernels "
@@ -160,7 +163,7 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--local_crops_size {args.local_crops_size} is not a multiple of "
                         f"--patch_size {args.patch_size}")
     for name in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "print_freq", "global_crops_size",
-                 "local_crops_size", "head_hidden_dim", "head_bottleneck_dim"):
+                 "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "loss_chunk_mib"):
         if getattr(args, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("embed_dim", "depth", "num_heads"):
@@ -661,7 +664,8 @@ def teacher_temperature_schedule(args: argparse.Namespace) -> np.ndarray:
 def build_loss(args: argparse.Namespace) -> PatchWiseDINOLoss:
     num_positions = 1 + (args.global_crops_size // args.patch_size) ** 2 if args.patch_loss else 1
     return PatchWiseDINOLoss(args.out_dim, num_positions, teacher_temperature_schedule(args),
-                             cls_weight=args.cls_weight, compile=args.compile)
+                             cls_weight=args.cls_weight, chunk_elements=args.loss_chunk_mib * 2 ** 18,
+                             compile=args.compile)
 
 
 # ----------------------------------------------------------------------------------------------
