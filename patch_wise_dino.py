@@ -408,9 +408,14 @@ def matched_pairs(matches: dict[tuple[int, int], torch.Tensor], cls_weight: floa
 
 
 def tokens_per_view(matches: dict[tuple[int, int], torch.Tensor]) -> list[int]:
-    """Tokens ``T_v`` of every view, read off the matches (view 0 is a student of global view 1, others of 0)."""
+    """Tokens ``T_v`` of every view, read off the matches."""
     num_views = 1 + max(v for _, v in matches)
-    return [matches[(1 if v == 0 else 0, v)].shape[1] for v in range(num_views)]
+    return [matches[_a_pair_of(v)].shape[1] for v in range(num_views)]
+
+
+def _a_pair_of(view: int) -> tuple[int, int]:
+    """A view pair in which ``view`` is the student: global view 1 teaches view 0, global view 0 all others."""
+    return (1 if view == 0 else 0), view
 
 
 def _equal_token_groups(tokens: list[int]) -> list[list[int]]:
@@ -428,7 +433,7 @@ def _group_partners(matches: dict[tuple[int, int], torch.Tensor], views: list[in
                     cls_weight: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher rows (-1: none) and pair weights ``[n * B * T, G]``, and CLS flags ``[n * B * T]``, of ``n``
     consecutive student views of ``T`` tokens each, in the flat layout."""
-    template = matches[(1 if views[0] == 0 else 0, views[0])]
+    template = matches[_a_pair_of(views[0])]
     (batch, tokens), device = template.shape, template.device
     unmatched = torch.full_like(template, -1)  # a view is never its own student
     match = torch.stack([torch.stack([matches.get((g, v), unmatched) for g in range(NUM_GLOBAL_VIEWS)])
@@ -836,7 +841,7 @@ RESUME_CRITICAL_ARGS = (
     "matching", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs", "precision", "weight_decay",
     "weight_decay_end", "clip_grad", "batch_size_per_gpu", "epochs", "freeze_last_layer", "lr", "warmup_epochs",
     "min_lr", "optimizer", "global_crops_scale", "global_crops_size", "local_crops_number", "local_crops_scale",
-    "local_crops_size", "seed")
+    "local_crops_size", "gpu_augment", "seed")
 
 
 def checkpoint_state(trainer: Trainer, point: ResumePoint) -> dict:
