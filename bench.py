@@ -121,7 +121,7 @@ def training_args(args: argparse.Namespace, variant: dict) -> argparse.Namespace
 
 
 def synthetic_batch(args: argparse.Namespace, pin: bool):
-    """uint8 views ``V x [B, 3, S, S]`` and geometry ``[B, V, 6]`` of crops drawn like training views of a 500x375 photo.
+    """uint8 views ``V x [B, 3, S, S]`` and geometry ``[B, V, 6]``, crops drawn like training views of a 500x375 photo.
 
     Random draws come from torch's global generator (``main`` seeds it).
     """
@@ -156,8 +156,9 @@ def time_step(args: argparse.Namespace, variant: dict, device: torch.device) -> 
 def step_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for variant in step_variants(args):
+        options = " ".join(f"{name}={value}" for name, value in variant.items())
         setting = (f"{args.arch}/{args.patch_size} B={args.batch_size} 2x{args.global_crops_size}+"
-                   f"{args.local_crops_number}x{args.local_crops_size} " + " ".join(f"{k}={v}" for k, v in variant.items()))
+                   f"{args.local_crops_number}x{args.local_crops_size} {options}")
         try:
             rows.append({"part": "step", "setting": setting, **time_step(args, variant, device)})
         except torch.OutOfMemoryError:
@@ -249,7 +250,8 @@ def stock_dino_recipe(args: argparse.Namespace) -> Callable:
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
-    first, second = view(args.global_crops_size, (0.4, 1.0), 1.0, 0.0), view(args.global_crops_size, (0.4, 1.0), 0.1, 0.2)
+    first = view(args.global_crops_size, (0.4, 1.0), 1.0, 0.0)
+    second = view(args.global_crops_size, (0.4, 1.0), 0.1, 0.2)
     local = view(args.local_crops_size, (0.05, 0.4), 0.5, 0.0)
     return lambda image: [first(image), second(image)] + [local(image) for _ in range(args.local_crops_number)]
 
@@ -284,8 +286,9 @@ def augment_rows(args: argparse.Namespace, photos: Path) -> list[dict]:
     for _ in range(args.repeats):  # interleaved, so that a busy spell on a shared machine hits all alike
         for name, transform in candidates.items():
             best[name] = min(best[name], time_augment(transform, photos, args.augment_images))
-    return [{"part": "augment", "setting": f"{name}, 1 core, {describe_photos(photos)}", "img_per_s": args.augment_images / seconds,
-             "ms": 1000 * seconds / args.augment_images} for name, seconds in best.items()]
+    return [{"part": "augment", "setting": f"{name}, 1 core, {describe_photos(photos)}",
+             "img_per_s": args.augment_images / seconds, "ms": 1000 * seconds / args.augment_images}
+            for name, seconds in best.items()]
 
 
 # ----------------------------------------------------------------------------------------------

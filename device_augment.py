@@ -188,7 +188,8 @@ def random_grayscale(images: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(chosen, grayscale(images).expand_as(images), images)
 
 
-def random_gaussian_blur(images: torch.Tensor, p: float | torch.Tensor, sigma_range: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+def random_gaussian_blur(images: torch.Tensor, p: float | torch.Tensor,
+                         sigma_range: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
     """Blur each image with probability ``p`` (or ``p[i]``), with sigma drawn from ``U(sigma_range)``."""
     sigma = _draw(len(images), *sigma_range, images.device)
     sigma = torch.where(_happens(len(images), p, images.device), sigma, 0.0)

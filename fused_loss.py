@@ -74,8 +74,7 @@ class _FusedMatchedCrossEntropy(torch.autograd.Function):
         z = student_z.to(accumulate)
         valid, partner_rows = partners >= 0, partners.clamp(min=0)
         weights = pair_weights.to(accumulate) * valid
-        targets = torch.zeros(teacher_z.shape[0] * teacher_z.shape[1], z.shape[1], dtype=accumulate,
-                              device=z.device).index_add_(0, partner_rows[valid], (weights[..., None] * z[:, None])[valid])
+        targets = _weighted_scatter(z, weights, partner_rows, valid, teacher_z.shape[0] * teacher_z.shape[1])
         folded, teacher_grad, entropy = teacher_pass(teacher_z, teacher_weight, center, student_weight, targets, config)
         log_norm, softmax_folded, student_grad = student_pass(z, student_weight, weights.sum(1), config)
         partner_folded = folded[partner_rows]  # [N, G, d]
@@ -91,6 +90,14 @@ class _FusedMatchedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_cross_entropy, _grad_entropy):
         grad_z, grad_weight = ctx.grads
         return grad_z * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None
+
+
+def _weighted_scatter(z: torch.Tensor, weights: torch.Tensor, partner_rows: torch.Tensor, valid: torch.Tensor,
+                      teacher_rows: int) -> torch.Tensor:
+    """``A_i = sum over pairs (j, g) with partner i of w_jg z_j``: ``[teacher_rows, d]`` from ``z [N, d]`` and
+    ``weights``, ``partner_rows``, ``valid`` ``[N, G]``."""
+    targets = torch.zeros(teacher_rows, z.shape[1], dtype=z.dtype, device=z.device)
+    return targets.index_add_(0, partner_rows[valid], (weights[..., None] * z[:, None])[valid])
 
 
 def teacher_pass(teacher_z: torch.Tensor, teacher_weight: torch.Tensor, center: torch.Tensor,
@@ -142,7 +149,8 @@ def student_pass(z: torch.Tensor, student_weight: torch.Tensor, total_weights: t
     return torch.cat(log_norms), torch.cat(softmax_folded), weight_grad
 
 
-def teacher_softmax(logits: torch.Tensor, center: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_softmax(logits: torch.Tensor, center: torch.Tensor,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[n, T, K]`` -> ``softmax((logits - center) / temperature)`` ``[n * T, K]`` in the logits' dtype,
     and the summed entropy of those distributions (computed in float32)."""
     scaled = (logits.to(center.dtype) - center) / temperature
@@ -152,7 +160,8 @@ def teacher_softmax(logits: torch.Tensor, center: torch.Tensor, temperature: flo
     return probs.to(logits.dtype).flatten(0, 1), entropy
 
 
-def student_softmax(logits: torch.Tensor, temperature: float, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def student_softmax(logits: torch.Tensor, temperature: float,
+                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[n, K]`` -> ``logsumexp(logits / temperature)`` ``[n]`` (float32) and
     ``weights[:, None] * softmax(logits / temperature)`` ``[n, K]`` in the logits' dtype."""
     scaled = logits.to(weights.dtype) / temperature

@@ -85,7 +85,8 @@ class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
     def forward(self, image: Image.Image) -> tuple[Image.Image, ViewGeometry]:
         """Crop and resize in one PIL call (the filter reads true neighbours, not a clamped border, at the box edge)."""
         top, left, height, width = self.draw_box(image.height, image.width)
-        view = image.resize(self.size[::-1], _PIL_FILTERS[self.interpolation], box=(left, top, left + width, top + height))
+        box = (left, top, left + width, top + height)
+        view = image.resize(self.size[::-1], _PIL_FILTERS[self.interpolation], box=box)
         return view, ViewGeometry(top, left, height, width, False, self.size[0])
 
 
