@@ -1,6 +1,7 @@
 # make demo : PW-Self end to end on the CPU (set-up, real data, training, k-NN vs random init,
 #             patch-matching figure, training curves), in about a quarter of an hour on 2 cores.
 # make test : the test suite (set-up included); .ci/run calls it.
+# make bench-gpu : the README's performance tables on one CUDA GPU (three runs; about 2, 3 and 6 min on an H100).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARCH := --arch vit_tiny --patch_size 8 --embed_dim 96 --depth 3 --num_heads 3
 EVAL := $(ARCH) --data_path $(DEMO)/data --resize_size 32 --crop_size 32 --num_workers 2 --device cpu
 
-.PHONY: setup test demo fashion-mnist clean-demo
+.PHONY: setup test demo fashion-mnist clean-demo bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -44,3 +45,12 @@ demo: setup fashion-mnist
 
 clean-demo:
 	rm -rf $(DEMO)
+
+BENCH_GPU := $(PY) bench.py --device cuda --arch vit_small --patch_size 16 --batch_size 64 --local_crops_number 8
+
+bench-gpu: setup
+	$(BENCH_GPU) --out_dim 65536 10000 --patch_loss true false --precision bf16 --num_workers 16 --json bench_gpu.json
+	$(BENCH_GPU) --parts step --out_dim 65536 --fused_loss true false --precision bf16 fp32 --gpu_augment false true \
+		--json bench_gpu_levers.json
+	$(BENCH_GPU) --parts step --out_dim 65536 10000 --patch_loss true false --precision bf16 --compile true \
+		--warmup 3 --steps 10 --json bench_gpu_compiled.json

@@ -31,7 +31,9 @@ from torchvision.datasets import ImageFolder
 
 import utils
 import vision_transformer as vits
+from fused_loss import DEFAULT_CHUNK_ELEMENTS, FusedConfig, matched_cross_entropy
 from patch_matching import MATCHING_MODES, match_patches_batched
+from device_augment import DevicePhotometric, normalize
 from transforms_patch import MultiCropAugmentation, collate_multicrop
 from vision_transformer import DINOHead
 
@@ -71,6 +73,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Patch matching rule: 'upstream' (the authors', one-to-one) or 'centre' "
                             "(the teacher patch containing each student patch's centre).")
 
+    group.add_argument("--fused_loss", default=True, type=utils.bool_flag,
+                       help="Compute the loss fused with the head's last layer, in chunks of tokens, with the "
+                            "student head on matched tokens only (true/false). Same loss and gradients as false, "
+                            "which materialises every token's [K] logits (the straightforward reference); "
+                            "memory no longer grows with batch x tokens x K.")
+    group.add_argument("--loss_chunk_mib", default=512, type=int,
+                       help="Size of one chunk of float32 logits in the fused loss, in MiB: its transient "
+                            "memory is a few chunks; larger chunks mean fewer, larger kernels.")
+
+    group.add_argument("--compile", default=False, type=utils.bool_flag,
+                       help="torch.compile the student, the teacher and the fused loss's softmax kernels "
+                            "(true/false): faster steps on a GPU after a few minutes of compilation at the start.")
+
     group = parser.add_argument_group("temperatures")
     group.add_argument("--warmup_teacher_temp", default=0.04, type=float,
                        help="Teacher temperature at the start of training; lower it if the loss does not fall.")
@@ -108,6 +123,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
                        help="Area range of the local crops relative to the image.")
     group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local views in pixels.")
+    group.add_argument("--gpu_augment", default=False, type=utils.bool_flag,
+                       help="Run the photometric part of the augmentation (colour jitter, grayscale, blur, "
+                            "solarization) on the training device, batched with per-sample random parameters "
+                            "(true/false); the data workers then only decode, crop and flip.")
 
     group = parser.add_argument_group("run")
     group.add_argument("--data_path", required=True, type=str,
@@ -144,7 +163,7 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--local_crops_size {args.local_crops_size} is not a multiple of "
                         f"--patch_size {args.patch_size}")
     for name in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "print_freq", "global_crops_size",
-                 "local_crops_size", "head_hidden_dim", "head_bottleneck_dim"):
+                 "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "loss_chunk_mib"):
         if getattr(args, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("embed_dim", "depth", "num_heads"):
@@ -264,23 +283,34 @@ class ResumableSampler(DistributedSampler):
 # Model.
 # ----------------------------------------------------------------------------------------------
 class MultiCropWrapper(nn.Module):
-    """Backbone + head over a list of views; consecutive views of one size share a forward pass.
+    """Backbone + head over a list of views; consecutive views of one size share a backbone pass.
 
-    With ``patch_tokens`` every token goes through the head and view ``v`` gives logits
-    ``[B, 1 + N_v, K]``; without, only the CLS token does and each view gives ``[B, 1, K]``.
+    Tokens are numbered in one flat layout: view by view, sample by sample, token by token, with
+    ``T_v = 1 + N_v`` tokens per view when ``patch_tokens`` is set and ``T_v = 1`` (CLS only) when not.
+    The output is the head's embeddings (the last layer's input) and the last layer's weight, so that
+    the loss can apply that linear layer itself, chunk by chunk, to the tokens it needs.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, patch_tokens: bool):
+    def __init__(self, backbone: nn.Module, head: DINOHead, patch_tokens: bool):
         super().__init__()
         self.backbone, self.head, self.patch_tokens = backbone, head, patch_tokens
 
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        outputs: list[torch.Tensor] = []
-        for group in _consecutive_size_groups(views):
-            batch = torch.cat(group)
-            features = self.backbone.forward_features(batch) if self.patch_tokens else self.backbone(batch)[:, None]
-            outputs.extend(self.head(features).chunk(len(group)))
-        return outputs
+    def forward(self, views: list[torch.Tensor], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``V x [B, 3, S_v, S_v]`` -> embeddings ``[R, d]`` and last-layer weight ``[K, d]``.
+
+        ``rows`` (int64 ``[R]``) picks tokens of the flat layout before the head, which then runs on
+        those alone; ``None`` keeps all ``sum_v B * T_v``. A head with batch norm always sees every
+        token (its statistics must not depend on the selection).
+        """
+        tokens = torch.cat([self._tokens(torch.cat(group)).flatten(0, 1) for group in _consecutive_size_groups(views)])
+        if rows is not None and not any(isinstance(m, nn.BatchNorm1d) for m in self.head.mlp.modules()):
+            tokens, rows = tokens[rows], None  # the head runs on the selected tokens only
+        embeddings = self.head.embed(tokens)
+        return (embeddings if rows is None else embeddings[rows]), self.head.last_layer.weight
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone output ``[n, T, D]``: every token, or only CLS (``T = 1``)."""
+        return self.backbone.forward_features(images) if self.patch_tokens else self.backbone(images)[:, None]
 
 
 def _consecutive_size_groups(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -321,6 +351,8 @@ def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str,
                     patch_loss: bool) -> dict[tuple[int, int], torch.Tensor]:
     """Teacher token per student token for every view pair, on the geometry's device.
 
+    All pairs whose student views share a size are matched in one batched call (two calls in all).
+
     Args:
         geometry: ``[B, V, 6]`` from ``collate_multicrop``.
 
@@ -329,15 +361,120 @@ def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str,
         when ``patch_loss`` is off.
     """
     batch, num_views = geometry.shape[:2]
+    pairs = view_pairs(num_views)
     if not patch_loss:
         cls_only = torch.zeros(batch, 1, dtype=torch.long, device=geometry.device)
-        return {pair: cls_only for pair in view_pairs(num_views)}
-    return {(g, v): match_patches_batched(geometry[:, g], geometry[:, v], patch_size, mode)
-            for g, v in view_pairs(num_views)}
+        return {pair: cls_only for pair in pairs}
+    found = {}
+    for group in ([p for p in pairs if p[1] < NUM_GLOBAL_VIEWS], [p for p in pairs if p[1] >= NUM_GLOBAL_VIEWS]):
+        if group:
+            teachers = torch.cat([geometry[:, g] for g, _ in group])
+            students = torch.cat([geometry[:, v] for _, v in group])
+            found.update(zip(group, match_patches_batched(teachers, students, patch_size, mode).split(batch)))
+    return {pair: found[pair] for pair in pairs}
+
+
+@dataclass
+class MatchedPairs:
+    """Every matched (teacher token, student token) pair of a batch, by rows of the flat token layouts.
+
+    Student rows follow ``MultiCropWrapper``'s layout (view, sample, token); teacher rows likewise over
+    the global views: token ``i`` of sample ``b`` in global view ``g`` is teacher row ``(g * B + b) * T_g + i``.
+
+    Attributes:
+        rows: int64 ``[N]`` the student rows that have at least one partner, ascending.
+        partners: int64 ``[N, G]`` the teacher row matched to each of them in global view ``g``, or -1.
+        weights: float64 ``[N, G]`` the derivative of the loss with respect to each pair's cross-entropy.
+        is_cls: bool ``[N]`` whether the student token is a CLS token.
+        tokens_per_view: ``T_v`` of every view; batch_size: ``B``; num_pairs: view pairs in the loss.
+    """
+
+    rows: torch.Tensor
+    partners: torch.Tensor
+    weights: torch.Tensor
+    is_cls: torch.Tensor
+    tokens_per_view: list[int]
+    batch_size: int
+    num_pairs: int
+
+
+def matched_pairs(matches: dict[tuple[int, int], torch.Tensor], cls_weight: float | None) -> MatchedPairs:
+    """Turn ``compute_matches``'s per-pair index maps into flat rows, partners and loss weights."""
+    tokens, batch = tokens_per_view(matches), len(matches[(1, 0)])
+    groups = [_group_partners(matches, views, tokens[0], cls_weight) for views in _equal_token_groups(tokens)]
+    partners, weights, is_cls = (torch.cat(parts) for parts in zip(*groups))
+    rows = torch.nonzero((partners >= 0).any(1)).flatten()
+    return MatchedPairs(rows, partners[rows], weights[rows], is_cls[rows], tokens, batch, len(matches))
+
+
+def tokens_per_view(matches: dict[tuple[int, int], torch.Tensor]) -> list[int]:
+    """Tokens ``T_v`` of every view, read off the matches."""
+    num_views = 1 + max(v for _, v in matches)
+    return [matches[_a_pair_of(v)].shape[1] for v in range(num_views)]
+
+
+def _a_pair_of(view: int) -> tuple[int, int]:
+    """A view pair in which ``view`` is the student: global view 1 teaches view 0, global view 0 all others."""
+    return (1 if view == 0 else 0), view
+
+
+def _equal_token_groups(tokens: list[int]) -> list[list[int]]:
+    """Consecutive views with the same number of tokens: ``[197, 197, 37, 37] -> [[0, 1], [2, 3]]``."""
+    groups: list[list[int]] = []
+    for view, count in enumerate(tokens):
+        if groups and tokens[groups[-1][-1]] == count:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    return groups
+
+
+def _group_partners(matches: dict[tuple[int, int], torch.Tensor], views: list[int], teacher_tokens: int,
+                    cls_weight: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher rows (-1: none) and pair weights ``[n * B * T, G]``, and CLS flags ``[n * B * T]``, of ``n``
+    consecutive student views of ``T`` tokens each, in the flat layout."""
+    template = matches[_a_pair_of(views[0])]
+    (batch, tokens), device = template.shape, template.device
+    unmatched = torch.full_like(template, -1)  # a view is never its own student
+    match = torch.stack([torch.stack([matches.get((g, v), unmatched) for g in range(NUM_GLOBAL_VIEWS)])
+                         for v in views])  # [n, G, B, T]
+    sequence = torch.arange(NUM_GLOBAL_VIEWS * batch, device=device).view(1, NUM_GLOBAL_VIEWS, batch, 1)
+    partners = torch.where(match >= 0, sequence * teacher_tokens + match, -1)
+    weights = pair_weights(match, cls_weight) / len(matches)
+    is_cls = (torch.arange(tokens, device=device) == 0).repeat(len(views) * batch)
+    return partners.permute(0, 2, 3, 1).flatten(0, 2), weights.permute(0, 2, 3, 1).flatten(0, 2), is_cls
+
+
+def pair_weights(match: torch.Tensor, cls_weight: float | None) -> torch.Tensor:
+    """``d l(g, v) / d CE`` for every token of view-pair matches ``[..., B, T_v]``, float64 (METHOD.md section 4).
+
+    Unset ``cls_weight``: ``1 / (B + matched patches)`` for every matched token. Else ``lambda / B`` for
+    CLS and ``(1 - lambda) / matched patches`` for patches; ``1 / B`` for CLS when no patch is matched.
+    """
+    matched = (match >= 0).to(torch.float64)
+    batch, patch_count = match.shape[-2], matched[..., 1:].sum((-2, -1), keepdim=True)
+    if cls_weight is None:
+        return matched / (batch + patch_count)
+    has_patches = (patch_count[..., 0] > 0).to(torch.float64)
+    weights = matched * (1 - cls_weight) / patch_count.clamp(min=1)
+    weights[..., 0] = matched[..., 0] * (1 - (1 - cls_weight) * has_patches) / batch  # lambda / B, or 1 / B
+    return weights
+
+
+def logits_per_view(embeddings: torch.Tensor, weight: torch.Tensor, tokens_per_view: list[int],
+                    batch: int) -> list[torch.Tensor]:
+    """The head's last layer on every token of the flat layout ``[sum_v B * T_v, d]`` -> per view ``[B, T_v, K]``."""
+    logits = nn.functional.linear(embeddings, weight)
+    return [view.view(batch, tokens, -1)
+            for view, tokens in zip(logits.split([batch * t for t in tokens_per_view]), tokens_per_view)]
 
 
 class PatchWiseDINOLoss(nn.Module):
     """The PW-Self objective (METHOD.md section 4) with one center per teacher token position.
+
+    ``forward`` computes it fused with the head's last layer (``fused_loss.py``: chunked, from the
+    embeddings of matched tokens); ``reference`` computes the same from full per-view logits, the
+    straightforward way. Both return the same loss, gradients and statistics.
 
     Args:
         out_dim: number of prototypes ``K``.
@@ -346,18 +483,48 @@ class PatchWiseDINOLoss(nn.Module):
         student_temp: student temperature.
         center_momentum: EMA momentum of the center.
         cls_weight: ``None`` for the token mean over matched pairs; else the CLS weight lambda.
+        chunk_elements: logits per chunk of the fused computation (its memory, 4 bytes each).
+        compile: ``torch.compile`` the fused computation's per-chunk softmax kernels.
     """
 
     def __init__(self, out_dim: int, num_positions: int, teacher_temps: np.ndarray, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, cls_weight: float | None = None):
+                 center_momentum: float = 0.9, cls_weight: float | None = None,
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False):
         super().__init__()
         self.student_temp, self.center_momentum, self.cls_weight = student_temp, center_momentum, cls_weight
-        self.teacher_temps = teacher_temps
+        self.teacher_temps, self.chunk_elements, self.compile = teacher_temps, chunk_elements, compile
         self.register_buffer("center", torch.zeros(num_positions, out_dim))
 
-    def forward(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
-                matches: dict[tuple[int, int], torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict]:
-        """Loss over all view pairs, then a center update.
+    def forward(self, student_z: torch.Tensor, student_weight: torch.Tensor, teacher_z: torch.Tensor,
+                teacher_weight: torch.Tensor, pairs: MatchedPairs, epoch: int,
+                compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+        """Loss over all view pairs from head embeddings, then a center update.
+
+        Args:
+            student_z: ``[N, d]`` embeddings of the student rows ``pairs.rows``.
+            student_weight: ``[K, d]`` the student's last-layer weight.
+            teacher_z: ``[G * B * T_g, d]`` embeddings of every teacher token (no gradient).
+            teacher_weight: ``[K, d]`` the teacher's last-layer weight.
+            pairs: from ``matched_pairs``.
+            epoch: selects the teacher temperature.
+            compute_dtype: dtype of the matmuls (the autocast dtype); ``None``: the embeddings'.
+
+        Returns:
+            the scalar loss and the statistics of ``reference``.
+        """
+        self._check_positions(pairs.tokens_per_view[0], teacher_weight.shape[0])
+        teacher_z = teacher_z.view(-1, pairs.tokens_per_view[0], teacher_z.shape[-1])
+        config = FusedConfig(self.student_temp, float(self.teacher_temps[epoch]), compute_dtype, self.chunk_elements,
+                             self.compile)
+        loss, cross_entropy, entropy = matched_cross_entropy(student_z, student_weight, teacher_z, teacher_weight,
+                                                             self.center, pairs.partners, pairs.weights, config)
+        stats = self._pair_statistics(cross_entropy, pairs, entropy / teacher_z.shape[:2].numel())
+        self.update_center_from_embeddings(teacher_z, teacher_weight)
+        return loss, stats
+
+    def reference(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
+                  matches: dict[tuple[int, int], torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict]:
+        """The loss from full logits, then a center update: the straightforward computation.
 
         Args:
             student_logits: per view ``[B, T_v, K]``.
@@ -395,8 +562,8 @@ class PatchWiseDINOLoss(nn.Module):
         """Centered, sharpened teacher probabilities per global view ``[B, T_g, K]`` and their mean entropy."""
         probs, entropies = [], []
         for logits in teacher_logits:
-            self._check_positions(logits)
-            log_probs = torch.log_softmax((logits.float() - self.center) / temperature, dim=-1)
+            self._check_positions(*logits.shape[1:])
+            log_probs = torch.log_softmax((logits.to(_loss_dtype(logits)) - self.center) / temperature, dim=-1)
             probs.append(log_probs.exp())
             entropies.append(-(probs[-1] * log_probs).sum(-1).mean())
         return probs, torch.stack(entropies).mean()
@@ -404,14 +571,23 @@ class PatchWiseDINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
         """``C <- m C + (1 - m) * mean over samples and global views`` per position, over all processes."""
-        batch_sum = torch.stack([logits.sum(0, dtype=torch.float32) for logits in teacher_logits]).sum(0)
+        batch_sum = torch.stack([logits.sum(0, dtype=self.center.dtype) for logits in teacher_logits]).sum(0)
         utils.all_reduce_sum(batch_sum)
         count = sum(len(logits) for logits in teacher_logits) * utils.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
 
-    def _check_positions(self, logits: torch.Tensor) -> None:
-        if logits.shape[1:] != self.center.shape:
-            raise ValueError(f"teacher logits have shape {tuple(logits.shape[1:])} per sample but the center "
+    @torch.no_grad()
+    def update_center_from_embeddings(self, teacher_z: torch.Tensor, teacher_weight: torch.Tensor) -> None:
+        """``update_center`` from embeddings ``[S, T_g, d]``: the last layer is linear, so the logits' mean
+        is ``mean(z) W^T``; only ``[T_g, d]`` is summed over processes instead of ``[T_g, K]``."""
+        batch_sum = teacher_z.sum(0, dtype=self.center.dtype)
+        utils.all_reduce_sum(batch_sum)
+        mean_logits = batch_sum / (len(teacher_z) * utils.get_world_size()) @ teacher_weight.to(self.center.dtype).T
+        self.center.mul_(self.center_momentum).add_(mean_logits, alpha=1 - self.center_momentum)
+
+    def _check_positions(self, tokens: int, out_dim: int) -> None:
+        if (tokens, out_dim) != self.center.shape:
+            raise ValueError(f"teacher logits have shape {(tokens, out_dim)} per sample but the center "
                              f"is {tuple(self.center.shape)}: the global crop size, patch size or out_dim changed")
 
     @staticmethod
@@ -422,6 +598,21 @@ class PatchWiseDINOLoss(nn.Module):
             "loss_cls": torch.stack(cls_means).mean().detach(),
             "loss_patch": (torch.stack(patch_sums).sum() / patch_total.clamp(min=1)).detach(),
             "matched_patches": patch_total / (len(patch_counts) * batch_size),
+            "teacher_entropy": teacher_entropy,
+        }
+
+    @staticmethod
+    @torch.no_grad()
+    def _pair_statistics(cross_entropy: torch.Tensor, pairs: MatchedPairs, teacher_entropy: torch.Tensor) -> dict:
+        """``_statistics`` from the fused path's cross-entropies ``[N, G]``."""
+        matched = pairs.partners >= 0
+        cls, patch = matched & pairs.is_cls[:, None], matched & ~pairs.is_cls[:, None]
+        patch_total = patch.sum().to(cross_entropy.dtype)
+        pairs_and_samples = pairs.num_pairs * pairs.batch_size
+        return {
+            "loss_cls": (cross_entropy * cls).sum() / pairs_and_samples,
+            "loss_patch": (cross_entropy * patch).sum() / patch_total.clamp(min=1),
+            "matched_patches": patch_total / pairs_and_samples,
             "teacher_entropy": teacher_entropy,
         }
 
@@ -478,7 +669,8 @@ def teacher_temperature_schedule(args: argparse.Namespace) -> np.ndarray:
 def build_loss(args: argparse.Namespace) -> PatchWiseDINOLoss:
     num_positions = 1 + (args.global_crops_size // args.patch_size) ** 2 if args.patch_loss else 1
     return PatchWiseDINOLoss(args.out_dim, num_positions, teacher_temperature_schedule(args),
-                             cls_weight=args.cls_weight)
+                             cls_weight=args.cls_weight, chunk_elements=args.loss_chunk_mib * 2 ** 18,
+                             compile=args.compile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,6 +723,7 @@ class Trainer:
         self.autocast_dtype, self.device = autocast_dtype, device
         self.run_facts = run_facts  # what else, besides the arguments, an exact resume needs unchanged
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
+        self.device_photometric = DevicePhotometric(args.local_crops_number) if args.gpu_augment else None
 
     def step(self, images: list[torch.Tensor], geometry: torch.Tensor, epoch: int, iteration: int,
              iteration_in_epoch: int) -> dict[str, float]:
@@ -541,15 +734,13 @@ class Trainer:
         """
         torch.manual_seed(utils.derived_seed(self.args.seed, epoch, utils.get_rank(), STEP_SEED, iteration_in_epoch))
         self.schedules.apply(self.optimizer, iteration)
-        images = [view.to(self.device, non_blocking=True) for view in images]
+        images = self._prepare_views(images)
         matches = compute_matches(geometry.to(self.device, non_blocking=True), self.args.patch_size,
                                   self.args.matching, self.args.patch_loss)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            with torch.no_grad():
-                teacher_logits = self.teacher(images[:NUM_GLOBAL_VIEWS])  # only the global views
-            student_logits = self.student(images)
-        loss, stats = self.loss_fn(student_logits, teacher_logits, matches, epoch)
+        if self.args.fused_loss:
+            loss, stats = self._fused_loss(images, matched_pairs(matches, self.args.cls_weight), epoch)
+        else:
+            loss, stats = self._reference_loss(images, matches, epoch)
         stats = {name: value.item() for name, value in stats.items()}
         if not math.isfinite(loss.item()):
             self._stop_on_non_finite(loss.item(), stats, epoch, iteration_in_epoch)
@@ -560,6 +751,35 @@ class Trainer:
         return {"loss": loss.item(), **stats, "lr": self.optimizer.param_groups[0]["lr"],
                 "wd": self.optimizer.param_groups[0]["weight_decay"],
                 "teacher_temp": float(self.loss_fn.teacher_temps[epoch])}
+
+    def _prepare_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The loader's uint8 views, on the device: photometrically augmented (``--gpu_augment``), normalised."""
+        images = [view.to(self.device, non_blocking=True) for view in images]
+        if self.device_photometric is not None:
+            return self.device_photometric(images)
+        return [normalize(view) for view in images]
+
+    def _fused_loss(self, images: list[torch.Tensor], pairs: MatchedPairs, epoch: int) -> tuple[torch.Tensor, dict]:
+        """Forward passes to head embeddings (the student head on matched tokens only), then the fused loss."""
+        with self._autocast():
+            with torch.no_grad():
+                teacher_z, teacher_weight = self.teacher(images[:NUM_GLOBAL_VIEWS])  # only the global views
+            student_z, student_weight = self.student(images, pairs.rows)
+        return self.loss_fn(student_z, student_weight, teacher_z, teacher_weight, pairs, epoch, self.autocast_dtype)
+
+    def _reference_loss(self, images: list[torch.Tensor], matches: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        """Forward passes to every token's logits, then the straightforward loss."""
+        tokens, batch = tokens_per_view(matches), len(images[0])
+        with self._autocast():
+            with torch.no_grad():
+                teacher_logits = logits_per_view(*self.teacher(images[:NUM_GLOBAL_VIEWS]),
+                                                 tokens[:NUM_GLOBAL_VIEWS], batch)
+            student_logits = logits_per_view(*self.student(images), tokens, batch)
+        return self.loss_fn.reference(student_logits, teacher_logits, matches, epoch)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
 
     def _optimise(self, loss: torch.Tensor, epoch: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -621,7 +841,7 @@ RESUME_CRITICAL_ARGS = (
     "matching", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs", "precision", "weight_decay",
     "weight_decay_end", "clip_grad", "batch_size_per_gpu", "epochs", "freeze_last_layer", "lr", "warmup_epochs",
     "min_lr", "optimizer", "global_crops_scale", "global_crops_size", "local_crops_number", "local_crops_scale",
-    "local_crops_size", "seed")
+    "local_crops_size", "gpu_augment", "seed")
 
 
 def checkpoint_state(trainer: Trainer, point: ResumePoint) -> dict:
@@ -738,7 +958,8 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     the unreadable images skipped for each sample.
     """
     augmentation = MultiCropAugmentation(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
-                                         args.local_crops_number, args.global_crops_size, args.local_crops_size)
+                                         args.local_crops_number, args.global_crops_size, args.local_crops_size,
+                                         photometric=not args.gpu_augment)
     dataset = TrainingImages(list_training_images(args.data_path), augmentation, args.strict_images)
     loader = DataLoader(dataset, sampler=ResumableSampler(dataset, args.seed), batch_size=args.batch_size_per_gpu,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
@@ -758,6 +979,9 @@ def build_trainer(args: argparse.Namespace, device: torch.device, loader: DataLo
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())
+    if args.compile:  # in place: parameter names and checkpoints stay the same
+        student.compile()
+        teacher.compile()
     loss_fn = build_loss(args).to(device)
     optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
     if utils.is_distributed():

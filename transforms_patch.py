@@ -13,8 +13,9 @@ sample, see ``patch_wise_dino.TrainingImages``). Every image gets its own views.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageFilter
@@ -61,10 +62,15 @@ class ViewGeometry:
         return cls(top, left, height, width, bool(flipped), int(size))
 
 
+_PIL_FILTERS = {InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.BILINEAR: Image.BILINEAR,
+                InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.LANCZOS: Image.LANCZOS}
+
+
 class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
     """torchvision's RandomResizedCrop to a square ``size``, also returning the crop's geometry.
 
-    The crop box is drawn by torchvision's own ``get_params`` (same distribution, same RNG calls).
+    The crop box follows torchvision's ``get_params`` rule (same distribution), with all its random
+    numbers drawn in one call.
     """
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
@@ -77,10 +83,35 @@ class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
         super().__init__(size, scale=scale, ratio=ratio, interpolation=interpolation)
 
     def forward(self, image: Image.Image) -> tuple[Image.Image, ViewGeometry]:
-        top, left, height, width = self.get_params(image, self.scale, self.ratio)
-        view = TF.resized_crop(image, top, left, height, width, self.size, self.interpolation,
-                               antialias=self.antialias)
+        """Crop and resize in one PIL call (the filter reads true neighbours, not a clamped border, at the box edge)."""
+        top, left, height, width = self.draw_box(image.height, image.width)
+        box = (left, top, left + width, top + height)
+        view = image.resize(self.size[::-1], _PIL_FILTERS[self.interpolation], box=box)
         return view, ViewGeometry(top, left, height, width, False, self.size[0])
+
+
+    def draw_box(self, image_height: int, image_width: int, attempts: int = 10) -> tuple[int, int, int, int]:
+        """``top, left, height, width`` of a box with area ``U(scale)`` of the image and log aspect ratio
+        ``U(log ratio)``, at a uniform position; after ``attempts`` boxes that do not fit, the centred
+        crop of the image clipped to the ratio range (torchvision's rule)."""
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for area_u, ratio_u, top_u, left_u in torch.rand(attempts, 4).tolist():
+            area = image_height * image_width * (self.scale[0] + (self.scale[1] - self.scale[0]) * area_u)
+            aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * ratio_u)
+            width, height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < width <= image_width and 0 < height <= image_height:
+                top = min(int(top_u * (image_height - height + 1)), image_height - height)
+                left = min(int(left_u * (image_width - width + 1)), image_width - width)
+                return top, left, height, width
+        return self._centred_box(image_height, image_width)
+
+    def _centred_box(self, image_height: int, image_width: int) -> tuple[int, int, int, int]:
+        height, width = image_height, image_width
+        if image_width / image_height < min(self.ratio):
+            height = round(image_width / min(self.ratio))
+        elif image_width / image_height > max(self.ratio):
+            width = round(image_height * max(self.ratio))
+        return (image_height - height) // 2, (image_width - width) // 2, height, width
 
 
 class RandomHorizontalFlipWithGeometry(torch.nn.Module):
@@ -113,15 +144,18 @@ class RandomGaussianBlur:
 
 
 def photometric_transform(blur_p: float, solarize_p: float) -> transforms.Compose:
-    """DINO's photometric recipe after crop and flip: colour, blur, solarize, then normalise to a tensor."""
+    """DINO's photometric recipe after crop and flip: colour, grayscale, blur, solarize, then a uint8 tensor.
+
+    Normalisation is left to the training device (``device_augment.normalize``): a uint8 view is a
+    quarter of the bytes to pass between processes, pin and copy.
+    """
     return transforms.Compose([
         transforms.RandomApply(
             [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
         RandomGaussianBlur(blur_p),
         transforms.RandomSolarize(threshold=128, p=solarize_p),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.PILToTensor(),
     ])
 
 
@@ -130,30 +164,37 @@ class MultiCropAugmentation:
 
     Views, in order: global 1 (blur p=1.0), global 2 (blur p=0.1, solarize p=0.2), then
     ``local_crops_number`` local views (blur p=0.5). Each is cropped, flipped (p=0.5), colour
-    jittered (p=0.8), turned grayscale (p=0.2), blurred, solarized and normalised.
+    jittered (p=0.8), turned grayscale (p=0.2), blurred and solarized; with ``photometric=False``
+    only cropped and flipped (the colour part then runs on the training device, ``device_augment.py``).
 
     Calling it on a PIL image returns ``(views, geometry)``: a list of ``2 + local_crops_number``
-    tensors ``[3, S, S]`` (S the global or local size) and a float64 tensor ``[V, 6]``.
+    uint8 tensors ``[3, S, S]`` (S the global or local size; normalisation happens on the device)
+    and a float64 tensor ``[V, 6]``.
     """
 
     def __init__(self, global_crops_scale: tuple[float, float] = (0.4, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
-                 global_crops_size: int = 224, local_crops_size: int = 96):
+                 global_crops_size: int = 224, local_crops_size: int = 96, photometric: bool = True):
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
         self.local_crops_number = local_crops_number
         self.global_crop = RandomResizedCropWithGeometry(global_crops_size, scale=tuple(global_crops_scale))
         self.local_crop = RandomResizedCropWithGeometry(local_crops_size, scale=tuple(local_crops_scale))
         self.flip = RandomHorizontalFlipWithGeometry(p=0.5)
-        self.global_photometrics = [photometric_transform(blur_p=1.0, solarize_p=0.0),
-                                    photometric_transform(blur_p=0.1, solarize_p=0.2)]
-        self.local_photometric = photometric_transform(blur_p=0.5, solarize_p=0.0)
+        self.photometric = photometric
+        if photometric:
+            self.global_photometrics = [photometric_transform(blur_p=1.0, solarize_p=0.0),
+                                        photometric_transform(blur_p=0.1, solarize_p=0.2)]
+            self.local_photometric = photometric_transform(blur_p=0.5, solarize_p=0.0)
+        else:
+            self.global_photometrics = [transforms.PILToTensor()] * 2
+            self.local_photometric = transforms.PILToTensor()
 
     @property
     def num_views(self) -> int:
         return 2 + self.local_crops_number
 
-    def pipelines(self) -> list[tuple[RandomResizedCropWithGeometry, transforms.Compose]]:
+    def pipelines(self) -> list[tuple[RandomResizedCropWithGeometry, Callable]]:
         """(crop, photometric) for every view, globals first."""
         globals_ = [(self.global_crop, photometric) for photometric in self.global_photometrics]
         return globals_ + [(self.local_crop, self.local_photometric)] * self.local_crops_number
@@ -170,7 +211,8 @@ class MultiCropAugmentation:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(global={self.global_crop.size[0]}px scale={self.global_crop.scale}, "
-                f"local={self.local_crops_number}x{self.local_crop.size[0]}px scale={self.local_crop.scale})")
+                f"local={self.local_crops_number}x{self.local_crop.size[0]}px scale={self.local_crop.scale}, "
+                f"photometric={'here' if self.photometric else 'on the device'})")
 
 
 def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:

@@ -240,15 +240,18 @@ def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimiz
     raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or lars")
 
 
-def clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """Scale each parameter's gradient so that its own norm is at most ``clip`` (DINO's rule)."""
-    norms = []
-    for parameter in model.parameters():
-        if parameter.grad is None:
-            continue
-        norm = parameter.grad.detach().norm(2)
-        norms.append(norm)
-        parameter.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """Scale each parameter's gradient so that its own norm is at most ``clip`` (DINO's rule).
+
+    Multi-tensor kernels (``torch._foreach_*``): a handful of launches for all parameters, no host sync.
+    Returns the norms before clipping, ``[number of parameters with a gradient]``.
+    """
+    grads = [parameter.grad.detach() for parameter in model.parameters() if parameter.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads))
+    factors = torch.clamp(clip / (norms + 1e-6), max=1.0).to(grads[0].dtype)
+    torch._foreach_mul_(grads, list(factors.unbind()))
     return norms
 
 

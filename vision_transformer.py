@@ -206,10 +206,16 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features ``[..., in_dim]`` -> logits ``[..., out_dim]``."""
+        return self.last_layer(self.embed(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[..., in_dim]`` -> L2-normalised bottleneck ``[..., bottleneck_dim]``, the last layer's input.
+
+        Training feeds this to the fused loss, which applies the (linear) last layer chunk by chunk.
+        """
         leading = x.shape[:-1]
         x = self.mlp(x.reshape(-1, x.shape[-1]))
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x).reshape(*leading, -1)
+        return F.normalize(x, dim=-1, p=2).reshape(*leading, -1)
 
 
 def _head_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, use_bn: bool) -> nn.Module:

@@ -1,6 +1,7 @@
 """Checks that need a CUDA device (skipped without one)."""
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import vision_transformer as vits
 from conftest import random_geometries
@@ -42,3 +43,49 @@ def test_training_runs_on_cuda(tmp_path, precision):
     assert next(trainer.teacher.parameters()).device.type == "cuda"
     assert (trainer.scaler is not None) == (precision == "fp16")
     assert (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def _trainer_losses(tmp_path, extra, steps=2):
+    from conftest import TINY_ARGS
+    from test_fused_loss import synthetic_batch
+    from patch_wise_dino import build_trainer, get_args_parser
+
+    args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
+    args = get_args_parser().parse_args(args + ["--data_path", str(tmp_path), "--drop_path_rate", "0"] + extra)
+    trainer = build_trainer(args, torch.device("cuda"), DataLoader(range(4 * steps), batch_size=4))
+    images, geometry = synthetic_batch(4, 4, torch.Generator().manual_seed(0))
+    return [trainer.step(images, geometry, 0, i, i)["loss"] for i in range(steps)]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fused_step_equals_reference_step_on_cuda(tmp_path, precision):
+    fused = _trainer_losses(tmp_path, ["--precision", precision, "--fused_loss", "true"])
+    reference = _trainer_losses(tmp_path, ["--precision", precision, "--fused_loss", "false"])
+    assert fused == pytest.approx(reference, rel=2e-2 if precision == "bf16" else 1e-4)
+
+
+def test_compiled_step_equals_eager_step_on_cuda(tmp_path):
+    compiled = _trainer_losses(tmp_path, ["--precision", "fp32", "--compile", "true"])
+    eager = _trainer_losses(tmp_path, ["--precision", "fp32", "--compile", "false"])
+    assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+def test_device_photometric_on_cuda_is_seeded_and_in_range():
+    import device_augment as da
+
+    views = [torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda") for _ in range(2)]
+    views += [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, device="cuda") for _ in range(2)]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(da.DevicePhotometric(2)(views))
+    assert all(torch.equal(a, b) and a.device.type == "cuda" for a, b in zip(*runs))
+
+
+def test_bench_runs_on_cuda(tmp_path):
+    import bench
+    from test_bench import TINY
+
+    args = [a if a != "cpu" else "cuda" for a in TINY]
+    rows = bench.main(bench.get_args_parser().parse_args(args + ["--precision", "bf16", "--parts", "step", "matching"]))
+    assert rows[0]["peak_gib"] > 0 and all(row["img_per_s"] > 0 for row in rows)

@@ -126,7 +126,13 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(image_folder, tmp_path, monk
     output = tmp_path / "run"
     main(parse(image_folder, output, "--epochs", "1"))
     before = (output / "checkpoint.pth").read_bytes()
-    monkeypatch.setattr(patch_wise_dino.PatchWiseDINOLoss, "pair_loss", lambda *args: torch.tensor(float("nan")))
+    original_loss = patch_wise_dino.PatchWiseDINOLoss.forward
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = original_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(patch_wise_dino.PatchWiseDINOLoss, "forward", nan_loss)
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, iteration 0 \(loss_cls=.*lr="):
         main(parse(image_folder, output, "--epochs", "2", "--allow_args_change"))
     assert (output / "checkpoint.pth").read_bytes() == before

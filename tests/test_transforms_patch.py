@@ -27,7 +27,7 @@ def test_recorded_box_is_the_region_that_was_cut():
     for _ in range(20):
         view, geometry = crop(image)
         box = (geometry.left, geometry.top, geometry.left + geometry.width, geometry.top + geometry.height)
-        expected = image.crop(box).resize((32, 32), Image.BICUBIC)
+        expected = image.resize((32, 32), Image.BICUBIC, box=box)
         assert np.array_equal(np.asarray(view), np.asarray(expected))
         assert geometry.size == 32 and not geometry.flipped
         assert 0 <= geometry.top and geometry.top + geometry.height <= image.height
@@ -82,7 +82,7 @@ def test_multicrop_returns_views_and_geometry():
     image = noise_image(80, 60)
     views, geometry = augmentation(image)
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
-    assert all(v.dtype == torch.float32 for v in views)
+    assert all(v.dtype == torch.uint8 for v in views)  # normalised on the training device
     assert geometry.shape == (5, 6) and geometry.dtype == torch.float64
     assert geometry[:, 5].tolist() == [32, 32, 16, 16, 16]
     assert set(geometry[:, 4].tolist()) <= {0.0, 1.0}
@@ -129,12 +129,22 @@ def test_photometric_recipe_is_dinos():
         assert (blur.p, blur.radius_min, blur.radius_max) == (blur_p, 0.1, 2.0)
         solarize = _find(photometric, transforms.RandomSolarize)[0]
         assert (solarize.p, solarize.threshold) == (solarize_p, 128)
-        normalize = _find(photometric, transforms.Normalize)[0]
-        assert normalize.mean == (0.485, 0.456, 0.406) and normalize.std == (0.229, 0.224, 0.225)
-        # Order: colour, grayscale, blur, solarize, to tensor, normalise.
+        # Order: colour, grayscale, blur, solarize, to a uint8 tensor (normalised on the device).
         kinds = [type(t) for t in photometric.transforms]
         assert kinds == [transforms.RandomApply, transforms.RandomGrayscale, RandomGaussianBlur,
-                         transforms.RandomSolarize, transforms.ToTensor, transforms.Normalize]
+                         transforms.RandomSolarize, transforms.PILToTensor]
+
+
+def test_without_photometrics_views_are_the_crops():
+    torch.manual_seed(3)
+    image = noise_image(80, 60)
+    views, geometry = MultiCropAugmentation(local_crops_number=2, global_crops_size=32, local_crops_size=16,
+                                            photometric=False)(image)
+    for view, row in zip(views, geometry):
+        top, left, height, width, flipped, size = row.tolist()
+        crop = image.resize((int(size),) * 2, Image.BICUBIC, box=(left, top, left + width, top + height))
+        expected = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+        assert torch.equal(view, expected.flip(-1) if flipped else expected)
 
 
 def test_blur_applies_with_its_probability():
@@ -178,3 +188,22 @@ def test_every_image_and_every_worker_draws_its_own_views():
     assert len(boxes) >= 14  # distinct per sample and per worker (a few collisions are chance)
     first_worker, second_worker = geometries[:4], geometries[4:8]  # batches 0 and 1 come from workers 0 and 1
     assert not torch.equal(first_worker, second_worker)
+
+
+def test_box_distribution_is_torchvisions():
+    torch.manual_seed(0)
+    crop = RandomResizedCropWithGeometry(32, scale=(0.05, 0.4))
+    image = noise_image(400, 300)
+    ours = torch.tensor([crop.draw_box(300, 400) for _ in range(4000)], dtype=torch.float64)
+    theirs = torch.tensor([transforms.RandomResizedCrop.get_params(image, (0.05, 0.4), crop.ratio)
+                           for _ in range(4000)], dtype=torch.float64)
+    for boxes in (ours, theirs):
+        assert ((boxes[:, 0] >= 0) & (boxes[:, 0] + boxes[:, 2] <= 300)).all()
+        assert ((boxes[:, 1] >= 0) & (boxes[:, 1] + boxes[:, 3] <= 400)).all()
+    statistics = lambda b: torch.stack([b[:, 2] * b[:, 3] / 120000, (b[:, 3] / b[:, 2]).log(),
+                                        b[:, 0] / (300 - b[:, 2] + 1), b[:, 1] / (400 - b[:, 3] + 1)])
+    torch.testing.assert_close(statistics(ours).mean(1), statistics(theirs).mean(1), rtol=0, atol=0.02)
+    torch.testing.assert_close(statistics(ours).std(1), statistics(theirs).std(1), rtol=0, atol=0.02)
+    for height, width in ((10, 1000), (1000, 10), (50, 60)):  # no box fits: torchvision's centred fallback
+        fallback = transforms.RandomResizedCrop.get_params(noise_image(width, height), (1.0, 1.0), (0.99, 1.0))
+        assert RandomResizedCropWithGeometry(8, scale=(1.0, 1.0), ratio=(0.99, 1.0)).draw_box(height, width) == fallback

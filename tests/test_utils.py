@@ -54,7 +54,8 @@ def test_clip_gradients_per_parameter_and_last_layer_freeze():
     model = nn.Sequential(nn.Linear(3, 3))
     model[0].weight.grad = torch.full((3, 3), 10.0)  # norm 30
     model[0].bias.grad = torch.full((3,), 0.1)  # norm ~0.17, untouched
-    utils.clip_gradients(model, 3.0)
+    norms = utils.clip_gradients(model, 3.0)
+    assert norms.tolist() == pytest.approx([30.0, 3 ** 0.5 * 0.1], rel=1e-4)
     assert model[0].weight.grad.norm().item() == pytest.approx(3.0, rel=1e-4)
     torch.testing.assert_close(model[0].bias.grad, torch.full((3,), 0.1))
 

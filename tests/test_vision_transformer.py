@@ -162,6 +162,7 @@ def test_head_computes_dino_formula_and_uses_dino_names():
     v = head.last_layer.weight_v
     expected = bottleneck @ (head.last_layer.weight_g * v / v.norm(dim=1, keepdim=True)).T
     torch.testing.assert_close(head(x), expected)
+    torch.testing.assert_close(head.embed(x), bottleneck)  # the last layer's input, used by the fused loss
 
 
 def test_head_norm_last_layer_freezes_the_scale():
