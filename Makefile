@@ -35,8 +35,8 @@ demo: setup fashion-mnist
 	$(PY) prepare_data.py --dataset fashion_mnist --output_dir $(DEMO)/data --limit_per_class 200
 	$(PY) patch_wise_dino.py $(ARCH) --data_path $(DEMO)/data/train --output_dir $(DEMO)/train --device cpu \
 		--out_dim 512 --head_hidden_dim 256 --head_bottleneck_dim 64 --global_crops_size 32 \
-		--local_crops_size 16 --local_crops_number 4 --batch_size_per_gpu 64 --epochs 30 --warmup_epochs 4 \
-		--lr 0.002 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --num_workers 2 --print_freq 100
+		--local_crops_size 16 --local_crops_number 2 --batch_size_per_gpu 32 --epochs 40 --warmup_epochs 3 \
+		--lr 0.012 --momentum_teacher 0.99 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --num_workers 2 --print_freq 500
 	$(PY) eval_knn.py --pretrained_weights $(DEMO)/train/checkpoint.pth $(EVAL) --output_json $(DEMO)/knn_trained.json
 	$(PY) eval_knn.py --random_init $(EVAL) --output_json $(DEMO)/knn_random.json
 	$(PY) patch_matching.py --output $(DEMO)/result.png
