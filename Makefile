@@ -1,5 +1,5 @@
 # make demo : PW-Self end to end on the CPU (set-up, real data, training, k-NN vs random init,
-#             patch-matching figure, training curves), in about a quarter of an hour on 2 cores.
+#             patch-matching figure, training curves), in about 9 minutes on 2 cores.
 # make test : the test suite (set-up included); .ci/run calls it.
 # make bench-gpu : the README's performance tables on one CUDA GPU (three runs; about 2, 3 and 6 min on an H100).
 PYTHON ?= python3
