@@ -742,13 +742,14 @@ class Trainer:
         else:
             loss, stats = self._reference_loss(images, matches, epoch)
         stats = {name: value.item() for name, value in stats.items()}
-        if not math.isfinite(loss.item()):
-            self._stop_on_non_finite(loss.item(), stats, epoch, iteration_in_epoch)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            self._stop_on_non_finite(loss_value, stats, epoch, iteration_in_epoch)
         self._optimise(loss, epoch)
         utils.ema_update(self.teacher, self.student_module, float(self.schedules.momentum[iteration]))
         if not self.args.patch_loss:
             stats = {k: v for k, v in stats.items() if k not in ("loss_patch", "matched_patches")}
-        return {"loss": loss.item(), **stats, "lr": self.optimizer.param_groups[0]["lr"],
+        return {"loss": loss_value, **stats, "lr": self.optimizer.param_groups[0]["lr"],
                 "wd": self.optimizer.param_groups[0]["weight_decay"],
                 "teacher_temp": float(self.loss_fn.teacher_temps[epoch])}
 

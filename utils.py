@@ -376,14 +376,6 @@ class SmoothedValue:
         self.count += n
         self.total += value * n
 
-    def synchronize_between_processes(self) -> None:
-        """Make ``global_avg`` the mean over all processes (the window stays local)."""
-        if not is_distributed():
-            return
-        totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
-        all_reduce_sum(totals)
-        self.count, self.total = int(totals[0].item()), totals[1].item()
-
     @property
     def median(self) -> float:
         return float(np.median(self.window)) if self.window else float("nan")
@@ -412,8 +404,11 @@ class MetricLogger:
             self.meters[name].update(float(value))
 
     def synchronize_between_processes(self) -> None:
-        for meter in self.meters.values():
-            meter.synchronize_between_processes()
+        """Make every ``global_avg`` the mean over all processes, in one collective (windows stay local)."""
+        if not is_distributed():
+            return
+        for name, (total, count) in self.global_totals().items():
+            self.meters[name].total, self.meters[name].count = total, int(count)
 
     def global_averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
