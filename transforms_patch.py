@@ -89,7 +89,6 @@ class RandomResizedCropWithGeometry(transforms.RandomResizedCrop):
         view = image.resize(self.size[::-1], _PIL_FILTERS[self.interpolation], box=box)
         return view, ViewGeometry(top, left, height, width, False, self.size[0])
 
-
     def draw_box(self, image_height: int, image_width: int, attempts: int = 10) -> tuple[int, int, int, int]:
         """``top, left, height, width`` of a box with area ``U(scale)`` of the image and log aspect ratio
         ``U(log ratio)``, at a uniform position; after ``attempts`` boxes that do not fit, the centred
