@@ -1,5 +1,9 @@
 # make demo : PW-Self end to end on the CPU (set-up, real data, training, k-NN vs random init,
 #             patch-matching figure, training curves), in about 9 minutes on 2 cores.
+# make compare : PW-Self against DINO on Fashion-MNIST, 3 seeds each, k-NN / linear / correspondence, one
+#             table (compare_output/comparison.md), in about XX minutes on 2 cores; reruns reuse what is done.
+# make compare-cifar10 CIFAR10=path/to/cifar-10-python.tar.gz : the same on CIFAR-10 at 32 px, patch 4, on a GPU
+#             (a starting recipe, not run by us: we had no GPU).
 # make test : the test suite (set-up included); .ci/run calls it.
 # make bench-gpu : the README's performance tables on one CUDA GPU (three runs; about 2, 3 and 6 min on an H100).
 PYTHON ?= python3
@@ -9,8 +13,18 @@ DEMO := demo_output
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARCH := --arch vit_tiny --patch_size 8 --embed_dim 96 --depth 3 --num_heads 3
 EVAL := $(ARCH) --data_path $(DEMO)/data --resize_size 32 --crop_size 32 --num_workers 2 --device cpu
+# The demo's training recipe, also the comparison's (chosen on the holdout split, see README "Results").
+RECIPE := $(ARCH) --out_dim 512 --head_hidden_dim 256 --head_bottleneck_dim 64 --global_crops_size 32 \
+	--local_crops_size 16 --local_crops_number 2 --batch_size_per_gpu 32 --epochs 40 --warmup_epochs 3 \
+	--lr 0.012 --momentum_teacher 0.99 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --print_freq 500
+COMPARE := compare_output
+COMPARE_DATA := data/fashion_mnist_holdout
+CIFAR10 ?= cifar-10-python.tar.gz
+CIFAR_RECIPE := --arch vit_small --patch_size 4 --global_crops_size 32 --local_crops_size 16 --local_crops_number 6 \
+	--out_dim 8192 --batch_size_per_gpu 256 --epochs 100 --warmup_epochs 10 --lr 0.001 --momentum_teacher 0.99 \
+	--teacher_temp 0.04 --warmup_teacher_temp 0.04 --print_freq 50
 
-.PHONY: setup test demo fashion-mnist clean-demo bench-gpu
+.PHONY: setup test demo compare compare-cifar10 fashion-mnist clean-demo bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -33,15 +47,22 @@ $(FMNIST):
 
 demo: setup fashion-mnist
 	$(PY) prepare_data.py --dataset fashion_mnist --output_dir $(DEMO)/data --limit_per_class 200
-	$(PY) patch_wise_dino.py $(ARCH) --data_path $(DEMO)/data/train --output_dir $(DEMO)/train --device cpu \
-		--out_dim 512 --head_hidden_dim 256 --head_bottleneck_dim 64 --global_crops_size 32 \
-		--local_crops_size 16 --local_crops_number 2 --batch_size_per_gpu 32 --epochs 40 --warmup_epochs 3 \
-		--lr 0.012 --momentum_teacher 0.99 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --num_workers 2 --print_freq 500
+	$(PY) patch_wise_dino.py $(RECIPE) --data_path $(DEMO)/data/train --output_dir $(DEMO)/train --device cpu --num_workers 2
 	$(PY) eval_knn.py --pretrained_weights $(DEMO)/train/checkpoint.pth $(EVAL) --output_json $(DEMO)/knn_trained.json
 	$(PY) eval_knn.py --random_init $(EVAL) --output_json $(DEMO)/knn_random.json
 	$(PY) patch_matching.py --output $(DEMO)/result.png
 	$(PY) demo_report.py --run_dir $(DEMO)/train --trained $(DEMO)/knn_trained.json \
 		--random $(DEMO)/knn_random.json --output $(DEMO)/training_curves.png
+
+compare: setup fashion-mnist
+	$(PY) prepare_data.py --dataset fashion_mnist --output_dir $(COMPARE_DATA) --limit_per_class 200 --holdout 100
+	$(PY) compare.py --data_path $(COMPARE_DATA) --output_dir $(COMPARE) --seeds 3 --train_args "$(RECIPE)" \
+		--correspondence_args "--num_images 1000" --device cpu --num_workers 2
+
+compare-cifar10: setup
+	$(PY) prepare_data.py --dataset cifar10 --source $(CIFAR10) --output_dir data/cifar10_holdout --holdout 500
+	$(PY) compare.py --data_path data/cifar10_holdout --output_dir compare_cifar10 --seeds 3 --train_args "$(CIFAR_RECIPE)" \
+		--correspondence_args "--num_images 2000" --device cuda --num_workers 8
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -46,7 +46,7 @@ from torchvision.transforms import InterpolationMode
 import utils
 import vision_transformer as vits
 from patch_wise_dino import (TrainingImages, build_trainer, compute_matches, get_args_parser as training_parser,
-                             list_training_images, matched_pairs)
+                             matched_pairs)
 from transforms_patch import (IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, RandomResizedCropWithGeometry,
                               collate_multicrop)
 
@@ -207,7 +207,7 @@ def make_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
 
 
 def describe_photos(photos: Path) -> str:
-    files = list_training_images(photos)
+    files = utils.list_image_files(photos)
     with Image.open(files[0]) as first:
         width, height = first.size
     kilobytes = sum(f.stat().st_size for f in files) / len(files) / 1000
@@ -221,7 +221,7 @@ def multicrop(args: argparse.Namespace, photometric: bool) -> MultiCropAugmentat
 
 def time_data(args: argparse.Namespace, photos: Path, gpu_augment: bool) -> dict:
     """Images per second out of the training DataLoader (workers, collate, pinning) after a warm-up."""
-    dataset = TrainingImages(list_training_images(photos), multicrop(args, photometric=not gpu_augment))
+    dataset = TrainingImages(utils.list_image_files(photos), multicrop(args, photometric=not gpu_augment))
     items = [(index % len(dataset), index) for index in range((args.warmup + args.data_batches) * args.batch_size)]
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=items, num_workers=args.num_workers,
                         collate_fn=collate_multicrop, pin_memory=torch.cuda.is_available(), drop_last=True)
@@ -258,7 +258,7 @@ def stock_dino_recipe(args: argparse.Namespace) -> Callable:
 
 def time_augment(transform: Callable, photos: Path, count: int) -> float:
     """Seconds to decode and augment ``count`` photos in this process with one thread."""
-    dataset = TrainingImages(list_training_images(photos), transform)
+    dataset = TrainingImages(utils.list_image_files(photos), transform)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     dataset[0, 0]

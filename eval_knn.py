@@ -31,6 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     vits.add_weights_args(parser)
     parser.add_argument("--data_path", default="", type=str,
                         help="Dataset root with train/<class>/* and val/<class>/* images.")
+    parser.add_argument("--val_split", default="val", type=str,
+                        help="Folder under --data_path to evaluate on: val (report), or holdout to tune settings "
+                             "(prepare_data.py --holdout) without looking at val.")
     parser.add_argument("--resize_size", default=256, type=int,
                         help="Shorter side after resizing, before the centre crop.")
     parser.add_argument("--crop_size", default=224, type=int,
@@ -80,8 +83,9 @@ def build_split(data_path: str | Path, split: str, transform, dataset_class=Imag
     read by ``utils.read_rgb_image`` (16-bit and palette images converted, unreadable ones named)."""
     folder = Path(data_path) / split
     if not folder.is_dir():
+        fix = " (a holdout split is written by prepare_data.py --holdout N)" if split == "holdout" else ""
         raise FileNotFoundError(f"{folder} not found: the dataset must be laid out as "
-                                f"{data_path}/train/<class>/* and {data_path}/val/<class>/*")
+                                f"{data_path}/train/<class>/* and {data_path}/{split}/<class>/*{fix}")
     return dataset_class(str(folder), transform=transform, loader=utils.read_rgb_image)
 
 
@@ -176,7 +180,7 @@ def compute_features(args: argparse.Namespace, device: torch.device):
     """Train and val CLS features and labels of the frozen backbone."""
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set = build_split(args.data_path, "train", transform, IndexedImageFolder)
-    val_set = build_split(args.data_path, "val", transform, IndexedImageFolder)
+    val_set = build_split(args.data_path, args.val_split, transform, IndexedImageFolder)
     if train_set.classes != val_set.classes:
         raise ValueError(f"train and val classes differ: {train_set.classes} vs {val_set.classes}")
     print(f"Data: {len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes")

@@ -50,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process and step.")
     parser.add_argument("--data_path", default="", type=str,
                         help="Dataset root with train/<class>/* and val/<class>/* images.")
+    parser.add_argument("--val_split", default="val", type=str,
+                        help="Folder under --data_path to evaluate on: val (report), or holdout to tune settings "
+                             "(prepare_data.py --holdout) without looking at val.")
     parser.add_argument("--resize_size", default=256, type=int, help="Evaluation resize of the shorter side.")
     parser.add_argument("--crop_size", default=224, type=int,
                         help="Training random-resized-crop and evaluation centre-crop side; use the "
@@ -191,7 +194,8 @@ def linear_train_transform(crop_size: int) -> transforms.Compose:
 
 def build_data(args: argparse.Namespace):
     train_set = build_split(args.data_path, "train", linear_train_transform(args.crop_size))
-    val_set = build_split(args.data_path, "val", eval_transform(args.resize_size, args.crop_size), IndexedImageFolder)
+    val_set = build_split(args.data_path, args.val_split, eval_transform(args.resize_size, args.crop_size),
+                          IndexedImageFolder)
     if train_set.classes != val_set.classes:
         raise ValueError(f"train and val classes differ: {train_set.classes} vs {val_set.classes}")
     sampler = DistributedSampler(train_set, num_replicas=utils.get_world_size(), rank=utils.get_rank(),

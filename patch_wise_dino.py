@@ -27,7 +27,6 @@ import torch.nn as nn
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.datasets import ImageFolder
 
 import utils
 import vision_transformer as vits
@@ -194,23 +193,6 @@ def validate_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 # Data.
 # ----------------------------------------------------------------------------------------------
-def list_training_images(data_path: str | Path) -> list[Path]:
-    """The image files of an ImageFolder (class sub-folders) or, failing that, directly inside ``data_path``.
-
-    Files are recognised by extension (``utils.IMAGE_EXTENSIONS``); anything else is ignored.
-    """
-    root = Path(data_path)
-    if any(child.is_dir() for child in root.iterdir()):
-        files = [Path(path) for path, _ in ImageFolder(str(root), allow_empty=True).samples]
-        if files:
-            return files
-    files = utils.list_images(root)
-    if not files:
-        raise ValueError(f"no images found in {root}: expected class sub-folders of images (ImageFolder "
-                         f"layout) or image files ({', '.join(utils.IMAGE_EXTENSIONS)}) directly inside it")
-    return files
-
-
 class TrainingImages(Dataset):
     """Augmented training images addressed by ``(index, seed)``: a sample is a function of those alone.
 
@@ -961,7 +943,7 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     augmentation = MultiCropAugmentation(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
                                          args.local_crops_number, args.global_crops_size, args.local_crops_size,
                                          photometric=not args.gpu_augment)
-    dataset = TrainingImages(list_training_images(args.data_path), augmentation, args.strict_images)
+    dataset = TrainingImages(utils.list_image_files(args.data_path), augmentation, args.strict_images)
     loader = DataLoader(dataset, sampler=ResumableSampler(dataset, args.seed), batch_size=args.batch_size_per_gpu,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
                         collate_fn=collate_multicrop)

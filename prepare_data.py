@@ -4,7 +4,9 @@
     python prepare_data.py --dataset cifar10 --source ~/Downloads/cifar-10-python.tar.gz --output_dir data/cifar10
 
 Writes ``<output_dir>/train/<class>/<index>.png`` and ``<output_dir>/val/<class>/<index>.png``
-(the official test split becomes ``val``). Sources:
+(the official test split becomes ``val``). ``--holdout N`` also moves the last N training images of
+every class into ``<output_dir>/holdout/`` (a tuning split, disjoint from ``train``): choose settings
+there, report on ``val``. A rerun rewrites the splits to exactly what it says. Sources:
 
 * ``fashion_mnist``: the IDX files of the Debian package ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``), or any folder holding ``train-images-idx3-ubyte.gz`` etc.
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from PIL import Image
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle_boot")
+SPLITS = ("train", "holdout", "val")
+MARKER = ".prepare_data.json"  # records what wrote the folder, so that a rerun may replace it
 CIFAR_ARCHIVES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
                   "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python")}
 
@@ -41,6 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "CIFAR python archive or its extracted folder (default: ./<archive name>).")
     parser.add_argument("--limit_per_class", default=None, type=int,
                         help="Keep at most this many images per class and split (quick subsets).")
+    parser.add_argument("--holdout", default=0, type=int,
+                        help="Move the last N training images of every class into a 'holdout' split, to tune "
+                             "settings on (eval scripts: --val_split holdout) before reporting on 'val'. "
+                             "They never appear in 'train'.")
     parser.add_argument("--download", action="store_true",
                         help="If the source is missing, let torchvision download it (needs the network).")
     return parser
@@ -133,31 +143,70 @@ def download(dataset: str, root: Path) -> Path:
     return root
 
 
-def write_split(images: np.ndarray, labels: np.ndarray, class_names, folder: Path, limit: int | None) -> int:
-    """PNG files ``folder/<class>/<index>.png``, at most ``limit`` per class; returns how many were written."""
+def write_split(images: np.ndarray, labels: np.ndarray, class_names, folder: Path,
+                indices_per_class) -> int:
+    """PNG files ``folder/<class>/<index>.png`` for the chosen indices; returns how many were written.
+
+    ``indices_per_class`` maps a class's indices (sorted, into ``images``) to the ones to write.
+    """
     written = 0
     for label, name in enumerate(class_names):
         (folder / name).mkdir(parents=True, exist_ok=True)
-        indices = np.flatnonzero(labels == label)[:limit]
+        indices = indices_per_class(np.flatnonzero(labels == label))
         for index in indices:
             Image.fromarray(images[index]).save(folder / name / f"{index:05d}.png")
         written += len(indices)
     return written
 
 
+def split_selections(splits: dict, limit: int | None, holdout: int) -> dict:
+    """``{output split: (source split, indices of a class -> chosen indices)}``.
+
+    ``holdout`` takes the last ``holdout`` training images of each class; ``train`` the first ``limit``
+    of the rest, so the training images do not depend on ``--holdout``.
+    """
+    smallest = int(np.bincount(splits["train"][1]).min())
+    if holdout >= smallest:
+        raise ValueError(f"--holdout {holdout} leaves no training images: the smallest class has {smallest}")
+    selections = {"train": ("train", lambda idx: idx[:len(idx) - holdout][:limit]),
+                  "val": ("val", lambda idx: idx[:limit])}
+    if holdout:
+        selections["holdout"] = ("train", lambda idx: idx[len(idx) - holdout:])
+    return selections
+
+
+def prepare_output_dir(output_dir: Path, record: dict) -> None:
+    """Clear the splits an earlier run of this script wrote; refuse a non-empty folder it did not write."""
+    marker = output_dir / MARKER
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not marker.is_file():
+        present = [split for split in SPLITS if (output_dir / split).exists()]
+        if present:
+            raise FileExistsError(f"{output_dir} already holds {', '.join(present)} not written by prepare_data.py: "
+                                  "choose an empty or new --output_dir (nothing was changed)")
+    for split in SPLITS:
+        shutil.rmtree(output_dir / split, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main(args: argparse.Namespace) -> dict[str, int]:
     """Convert; returns the number of images written per split."""
     if args.limit_per_class is not None and args.limit_per_class <= 0:
         raise ValueError(f"--limit_per_class must be positive, got {args.limit_per_class}")
+    if args.holdout < 0:
+        raise ValueError(f"--holdout must be >= 0, got {args.holdout}")
     source = resolve_source(args)
     if args.dataset == "fashion_mnist":
         splits, class_names = read_fashion_mnist(source)
     else:
         splits, class_names = read_cifar(source, args.dataset)
-    counts = {split: write_split(images, labels, class_names, args.output_dir / split, args.limit_per_class)
-              for split, (images, labels) in splits.items()}
-    print(f"{args.dataset}: wrote {counts['train']} train and {counts['val']} val images in "
-          f"{len(class_names)} classes to {args.output_dir}")
+    selections = split_selections(splits, args.limit_per_class, args.holdout)
+    prepare_output_dir(args.output_dir, {"dataset": args.dataset, "limit_per_class": args.limit_per_class,
+                                         "holdout": args.holdout})
+    counts = {split: write_split(*splits[source_split], class_names, args.output_dir / split, choose)
+              for split, (source_split, choose) in selections.items()}
+    written = ", ".join(f"{count} {split}" for split, count in counts.items())
+    print(f"{args.dataset}: wrote {written} images in {len(class_names)} classes to {args.output_dir}")
     return counts
 
 

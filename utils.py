@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
+from torchvision.datasets import ImageFolder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,6 +41,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside ``folder`` (by extension, case-insensitive), sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def list_image_files(data_path: str | Path) -> list[Path]:
+    """The image files of an ImageFolder (class sub-folders) or, failing that, directly inside ``data_path``.
+
+    Files are recognised by extension (``IMAGE_EXTENSIONS``); anything else is ignored.
+    """
+    root = Path(data_path)
+    if any(child.is_dir() for child in root.iterdir()):
+        files = [Path(path) for path, _ in ImageFolder(str(root), allow_empty=True).samples]
+        if files:
+            return files
+    files = list_images(root)
+    if not files:
+        raise ValueError(f"no images found in {root}: expected class sub-folders of images (ImageFolder "
+                         f"layout) or image files ({', '.join(IMAGE_EXTENSIONS)}) directly inside it")
+    return files
 
 
 class UnreadableImageError(ValueError):

@@ -37,3 +37,20 @@ def test_demo_report_prints_comparison_and_plots(tmp_path, capsys):
         assert image.format == "PNG" and image.width >= 400
     with pytest.raises(FileNotFoundError, match="log.txt not found"):
         demo_report.read_log(tmp_path / "missing" / "log.txt")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.parametrize("target", ["compare", "compare-cifar10"])
+def test_make_compare_targets_prepare_a_holdout_and_pass_valid_recipes(root, tmp_path, target):
+    import shlex
+
+    import compare
+
+    steps = subprocess.run(["make", "-n", target], cwd=root, capture_output=True, text=True, check=True).stdout
+    steps = steps.replace("\\\n", " ").splitlines()
+    assert "prepare_data.py" in steps[-2] and "--holdout" in steps[-2] and "compare.py" in steps[-1]
+    argv = shlex.split(steps[-1])[2:]
+    (tmp_path / "train").mkdir()
+    args = compare.get_args_parser().parse_args(argv + ["--data_path", str(tmp_path)])
+    train = compare.training_args(args, [], 0, tmp_path / "run")  # the recipe passes the training script's checks
+    assert train.patch_size in (4, 8) and train.global_crops_size == 32

@@ -96,3 +96,30 @@ def test_missing_sources_name_the_fix(tmp_path):
                                 "--output_dir", str(tmp_path / "out")))
     with pytest.raises(ValueError, match="--limit_per_class"):
         prepare_data.main(parse("--dataset", "cifar10", "--output_dir", str(tmp_path), "--limit_per_class", "0"))
+
+
+def test_holdout_is_carved_from_train_and_reruns_rewrite_exactly(mini_fashion_mnist, tmp_path):
+    out = tmp_path / "out"
+    common = ("--dataset", "fashion_mnist", "--source", str(mini_fashion_mnist), "--output_dir", str(out))
+    before = prepare_data.main(parse(*common, "--limit_per_class", "1"))
+    train_before = sorted(p.relative_to(out / "train") for p in (out / "train").rglob("*.png"))
+    counts = prepare_data.main(parse(*common, "--limit_per_class", "1", "--holdout", "2"))
+    assert before == {"train": 10, "val": 10} and counts == {"train": 10, "val": 10, "holdout": 20}
+    train = {p.relative_to(out / "train") for p in (out / "train").rglob("*.png")}
+    holdout = {p.relative_to(out / "holdout") for p in (out / "holdout").rglob("*.png")}
+    assert sorted(train) == train_before and not train & holdout  # train unchanged, disjoint from holdout
+    assert sorted(p.name for p in (out / "holdout" / "tshirt_top").iterdir()) == ["00010.png", "00020.png"]
+    prepare_data.main(parse(*common))  # a rerun without limit or holdout: exactly the full splits again
+    assert not (out / "holdout").exists() and len(list((out / "train").rglob("*.png"))) == 30
+
+
+def test_holdout_errors_and_foreign_folders(mini_fashion_mnist, tmp_path):
+    common = ("--dataset", "fashion_mnist", "--source", str(mini_fashion_mnist))
+    with pytest.raises(ValueError, match="--holdout 3 leaves no training images"):
+        prepare_data.main(parse(*common, "--output_dir", str(tmp_path / "a"), "--holdout", "3"))
+    foreign = tmp_path / "mine"
+    (foreign / "train").mkdir(parents=True)
+    (foreign / "train" / "keep.png").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not written by prepare_data.py"):
+        prepare_data.main(parse(*common, "--output_dir", str(foreign)))
+    assert (foreign / "train" / "keep.png").read_bytes() == b"x"

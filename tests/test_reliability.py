@@ -212,7 +212,7 @@ def test_bad_images_are_reported_skipped_and_counted(tmp_path, capfd):
 
 def test_training_images_are_a_function_of_index_and_seed(tmp_path):
     data = write_awkward_images(tmp_path / "data")
-    files = patch_wise_dino.list_training_images(data)
+    files = utils.list_image_files(data)
     augmentation = patch_wise_dino.MultiCropAugmentation(local_crops_number=1, global_crops_size=16,
                                                          local_crops_size=8)
     dataset = patch_wise_dino.TrainingImages(files, augmentation)

@@ -1,0 +1,479 @@
+"""PW-Self against DINO (and any named variants) over several seeds, evaluated alike, in one table.
+
+    python compare.py --data_path data/fmnist --output_dir compare_output --seeds 3 \\
+        --train_args "--arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 ..."
+    python compare.py ... --variant "centre=--matching centre" --variant "cls0.5=--cls_weight 0.5"
+
+Every method trains with the same ``--train_args`` on ``<data_path>/train`` for seeds ``0 .. --seeds - 1``:
+``dino`` adds ``--patch_loss false`` (DINO's objective, the baseline), ``pwself`` adds ``--patch_loss true``,
+and each ``--variant NAME=ARGS`` is PW-Self with ``ARGS`` appended (later arguments win, so a variant
+may also change the patch size or switch the patch loss off). Every final teacher is evaluated with
+k-NN, a short linear probe and ``eval_correspondence.py`` on ``<data_path>/<eval_split>``, and so are
+random weights (the floor). The table gives mean +- standard deviation over seeds per method and
+metric, and each method's paired difference to ``dino`` seed by seed.
+
+Outputs in ``--output_dir``: ``compare_args.json`` (the settings: a rerun with other ones is refused),
+``<method>/seed<k>/`` (``train/``, ``linear/``, one JSON per evaluation and a log per step),
+``random/``, ``comparison.md``, ``comparison.json`` and ``comparison.png``. Rerunning the same
+command reuses every finished run and evaluation; a killed comparison continues where it stopped
+(training resumes from its last checkpoint).
+
+Tune on ``--eval_split holdout`` (``prepare_data.py --holdout N``), then report on ``val``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import eval_correspondence
+import eval_knn
+import eval_linear
+import patch_wise_dino
+import utils
+
+BASE_METHODS = {"dino": ["--patch_loss", "false"], "pwself": ["--patch_loss", "true"]}
+RANDOM = "random"
+# Arguments that may differ between a comparison and its rerun: they do not change any result.
+FREE_ARGS = ("output_dir", "num_workers", "device")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One column of the table: where its value sits in an evaluation's result dict."""
+
+    key: str
+    title: str
+    evaluation: str
+    read: Callable[[dict], float | None]
+
+
+def _knn_top1(result: dict) -> float:
+    return next(iter(result["results"].values()))["top1"]
+
+
+METRICS = (
+    Metric("knn_top1", "k-NN top-1", "knn", _knn_top1),
+    Metric("linear_top1", "linear top-1", "linear", lambda result: result["top1"]),
+    Metric("corr_accuracy", "corr. exact", "correspondence", lambda result: result["all"]["accuracy"]),
+    Metric("corr_within_one", "corr. within 1", "correspondence", lambda result: result["all"]["within_one"]),
+    Metric("corr_textured", "corr. exact (textured)", "correspondence",
+           lambda result: result["textured"]["accuracy"]),
+    Metric("corr_error", "corr. error (patches)", "correspondence", lambda result: result["all"]["mean_error"]),
+)
+EVALUATIONS = ("knn", "linear", "correspondence")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Compare PW-Self with DINO over seeds")
+    parser.add_argument("--data_path", required=True, type=Path,
+                        help="Dataset root with train/<class>/* (training and the k-NN / linear training set) "
+                             "and the --eval_split folder (prepare_data.py writes both).")
+    parser.add_argument("--output_dir", default="compare_output", type=Path,
+                        help="Where runs, evaluations and the table go; rerunning reuses what is finished.")
+    parser.add_argument("--seeds", default=3, type=int, help="Seeds per method (0, 1, ..., seeds - 1).")
+    parser.add_argument("--train_args", default="", type=str,
+                        help="Arguments of patch_wise_dino.py shared by every method, as one quoted string "
+                             "(model, crops, schedule, ...). --data_path, --output_dir, --seed, --device and "
+                             "--num_workers are set by this script.")
+    parser.add_argument("--variant", default=[], action="append", metavar="NAME=ARGS",
+                        help="An extra method: PW-Self with ARGS appended to --train_args, e.g. "
+                             "'centre=--matching centre' or 'p4=--patch_size 4'. Repeat for several.")
+    parser.add_argument("--eval_split", default="val", type=str,
+                        help="Folder under --data_path the evaluations report on: val, or holdout while "
+                             "choosing settings (never choose them on the split you report).")
+    parser.add_argument("--knn_k", default=20, type=int, help="Neighbours of the k-NN classifier.")
+    parser.add_argument("--linear_epochs", default=10, type=int, help="Epochs of the short linear probe.")
+    parser.add_argument("--linear_lr", default=0.01, type=float,
+                        help="Learning rate of the linear probe (for a batch of 256); one value, evaluated "
+                             "after the last epoch only, so that nothing is selected on --eval_split.")
+    parser.add_argument("--linear_n_last_blocks", default=4, type=int,
+                        help="CLS tokens of this many last blocks feed the probe (at most the model's depth).")
+    parser.add_argument("--correspondence_args", default="", type=str,
+                        help="Extra arguments of eval_correspondence.py as one quoted string (e.g. "
+                             "'--num_images 500 --texture_threshold 10'); --size defaults to the crop size.")
+    parser.add_argument("--resize_size", default=None, type=int,
+                        help="Evaluation resize of the shorter side (default: the crop size, no border cut).")
+    parser.add_argument("--crop_size", default=None, type=int,
+                        help="Evaluation crop side (default: each run's --global_crops_size).")
+    parser.add_argument("--num_workers", default=2, type=int, help="Data-loading processes of every step.")
+    utils.add_device_arg(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: which runs, with which arguments, checked before anything runs.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One method trained with one seed (or the random-weights floor, ``seed`` None)."""
+
+    method: str
+    seed: int | None
+    folder: Path
+    train: argparse.Namespace | None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.seed is None else f"{self.method} seed {self.seed}"
+
+
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """``["name=--a 1", ...]`` -> ``{"dino": [...], "pwself": [...], "name": [..., "--a", "1"]}`` (extra args)."""
+    methods = {name: list(extra) for name, extra in BASE_METHODS.items()}
+    for spec in specs:
+        name, separator, extra = spec.partition("=")
+        name = name.strip()
+        if not separator or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise ValueError(f"--variant {spec!r}: write NAME=ARGS with a name of letters, digits, '_.+-' "
+                             "(e.g. 'centre=--matching centre')")
+        if name in methods or name == RANDOM:
+            raise ValueError(f"--variant name {name!r} is taken; choose another")
+        methods[name] = BASE_METHODS["pwself"] + shlex.split(extra)
+    return methods
+
+
+def training_args(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> argparse.Namespace:
+    """The arguments of one training run, validated by the training script itself."""
+    argv = shlex.split(args.train_args) + extra + [
+        "--data_path", str(args.data_path / "train"), "--output_dir", str(folder / "train"), "--seed", str(seed),
+        "--device", args.device, "--num_workers", str(args.num_workers)]
+    try:
+        train = patch_wise_dino.get_args_parser().parse_args(argv)
+    except SystemExit as error:
+        raise ValueError(f"patch_wise_dino.py refuses the arguments {shlex.join(argv)} (see above)") from error
+    patch_wise_dino.validate_args(train)
+    return train
+
+
+def plan_runs(args: argparse.Namespace) -> list[Run]:
+    """Every run of the comparison: the random floor (with the first run's model), then methods in order,
+    seeds inside."""
+    runs = []
+    for method, extra in parse_variants(args.variant).items():
+        for seed in range(args.seeds):
+            folder = args.output_dir / method / f"seed{seed}"
+            runs.append(Run(method, seed, folder, training_args(args, extra, seed, folder)))
+    return [Run(RANDOM, None, args.output_dir / RANDOM, runs[0].train)] + runs
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Stop before anything runs on settings that cannot work, naming the fix."""
+    if args.seeds <= 0:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    for name in ("knn_k", "linear_epochs", "linear_n_last_blocks", "linear_lr"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("resize_size", "crop_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for split in ("train", args.eval_split):
+        folder = args.data_path / split
+        if not folder.is_dir():
+            hint = " (prepare_data.py --holdout N writes it)" if split == "holdout" else ""
+            raise FileNotFoundError(f"{folder} not found: --data_path must hold train/ and {args.eval_split}/{hint}")
+        utils.list_image_files(folder)  # raises, naming the folder, when it holds no images
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings of a comparison folder: a rerun must use the same ones.
+# ----------------------------------------------------------------------------------------------
+def recorded_settings(args: argparse.Namespace) -> dict:
+    return {name: (str(value) if isinstance(value, Path) else value)
+            for name, value in sorted(vars(args).items()) if name not in FREE_ARGS}
+
+
+def check_or_record_settings(args: argparse.Namespace) -> None:
+    """Write ``compare_args.json`` in a new folder; in an existing one, refuse other settings (listing them)."""
+    path = args.output_dir / "compare_args.json"
+    settings = recorded_settings(args)
+    if path.is_file():
+        before = json.loads(path.read_text())
+        differences = [f"--{name}: before {before.get(name)!r}, now {settings.get(name)!r}"
+                       for name in sorted(set(before) | set(settings)) if before.get(name) != settings.get(name)]
+        if differences:
+            raise ValueError(f"{args.output_dir} holds a comparison made with other arguments; nothing was "
+                             "changed. Use another --output_dir, or the earlier arguments:\n  "
+                             + "\n  ".join(differences))
+        return
+    if args.output_dir.exists() and any(args.output_dir.iterdir()):
+        raise FileExistsError(f"{args.output_dir} is not empty and holds no compare_args.json: choose a new "
+                              "--output_dir (nothing was changed)")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    utils.write_text_atomic(json.dumps(settings, indent=2) + "\n", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps: training and the three evaluations, each skipped when its result file exists.
+# ----------------------------------------------------------------------------------------------
+def backbone_argv(run: Run) -> list[str]:
+    """The evaluation scripts' backbone and weights arguments for ``run``'s model."""
+    argv = ["--arch", run.train.arch, "--patch_size", str(run.train.patch_size)]
+    for name in ("embed_dim", "depth", "num_heads"):
+        if getattr(run.train, name) is not None:
+            argv += [f"--{name}", str(getattr(run.train, name))]
+    if run.seed is None:
+        return argv + ["--random_init"]
+    return argv + ["--pretrained_weights", str(run.folder / "train" / "checkpoint.pth"), "--checkpoint_key", "teacher"]
+
+
+def eval_sizes(args: argparse.Namespace, run: Run) -> tuple[int, int]:
+    """``(resize, crop)`` of the evaluations: the run's global crop size unless set."""
+    crop = args.crop_size or run.train.global_crops_size
+    return args.resize_size or crop, crop
+
+
+def evaluation_argv(args: argparse.Namespace, run: Run, evaluation: str) -> list[str]:
+    """Command-line arguments of ``eval_<evaluation>.py`` for ``run``."""
+    resize, crop = eval_sizes(args, run)
+    common = backbone_argv(run) + ["--device", args.device]
+    if evaluation == "correspondence":
+        return common + ["--data_path", str(args.data_path / args.eval_split), "--size", str(crop)] \
+            + shlex.split(args.correspondence_args)
+    common += ["--data_path", str(args.data_path), "--val_split", args.eval_split, "--resize_size", str(resize),
+               "--crop_size", str(crop), "--num_workers", str(args.num_workers)]
+    if evaluation == "knn":
+        return common + ["--nb_knn", str(args.knn_k)]
+    depth = run.train.depth or 12  # vit_tiny, vit_small and vit_base all have 12 blocks
+    return common + ["--epochs", str(args.linear_epochs), "--lrs", str(args.linear_lr),
+                     "--val_freq", str(args.linear_epochs), "--n_last_blocks", str(min(args.linear_n_last_blocks, depth)),
+                     "--seed", str(run.seed or 0), "--output_dir", str(run.folder / "linear")]
+
+
+def evaluation_args(args: argparse.Namespace, run: Run, evaluation: str) -> tuple[object, argparse.Namespace]:
+    """The evaluation script's module and its parsed, validated arguments for ``run``."""
+    script = {"knn": eval_knn, "linear": eval_linear, "correspondence": eval_correspondence}[evaluation]
+    argv = evaluation_argv(args, run, evaluation)
+    try:
+        parsed = script.get_args_parser().parse_args(argv)
+    except SystemExit as error:
+        raise ValueError(f"eval_{evaluation}.py refuses the arguments {shlex.join(argv)} (see above)") from error
+    script.validate_args(parsed)
+    return script, parsed
+
+
+def check_evaluations(args: argparse.Namespace, runs: list[Run]) -> None:
+    """Every evaluation's arguments, for each method's model, pass the script's own checks (before any step)."""
+    for run in runs:
+        if run.seed in (None, 0):
+            for evaluation in EVALUATIONS:
+                evaluation_args(args, run, evaluation)
+
+
+def run_evaluation(args: argparse.Namespace, run: Run, evaluation: str) -> dict:
+    """Run one evaluation in this process; returns its result as a JSON-ready dict."""
+    script, parsed = evaluation_args(args, run, evaluation)
+    result = script.main(parsed)
+    if evaluation == "knn":
+        return {"results": {str(k): value for k, value in result.items()}}
+    return result
+
+
+def run_training(run: Run) -> dict:
+    trainer = patch_wise_dino.main(run.train)
+    del trainer  # frees the model before the evaluations
+    return {"epochs": run.train.epochs}
+
+
+def steps_of(args: argparse.Namespace, run: Run) -> list[tuple[str, Callable[[], dict]]]:
+    """``(name, action)`` of every step of ``run``; a step's result goes to ``<run>/<name>.json``."""
+    steps = [] if run.seed is None else [("train", lambda: run_training(run))]
+    return steps + [(evaluation, lambda evaluation=evaluation: run_evaluation(args, run, evaluation))
+                    for evaluation in EVALUATIONS]
+
+
+def execute_step(run: Run, name: str, action: Callable[[], dict], counter: str) -> None:
+    """Run a step with its output in ``<run>/<name>.log``, unless ``<run>/<name>.json`` says it is done."""
+    result_path = run.folder / f"{name}.json"
+    if result_path.is_file():
+        print(f"{counter} {run.label}: {name} done before, reused ({result_path})", flush=True)
+        return
+    run.folder.mkdir(parents=True, exist_ok=True)
+    log_path = run.folder / f"{name}.log"
+    print(f"{counter} {run.label}: {name} ...", end="", flush=True)
+    start = time.time()
+    try:
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            result = action()
+    except BaseException:
+        print(f" failed; its output is in {log_path}:\n" + tail(log_path), flush=True)
+        raise
+    seconds = time.time() - start
+    utils.write_text_atomic(json.dumps({"seconds": seconds, **result}, indent=2) + "\n", result_path)
+    print(f" {format_duration(seconds)}", flush=True)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def execution_order(runs: list[Run]) -> list[Run]:
+    """The random floor first (quick), then seed by seed so that an early stop still compares methods."""
+    return sorted(runs, key=lambda run: (-1 if run.seed is None else run.seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: per-run metrics, mean and spread per method, paired differences to DINO.
+# ----------------------------------------------------------------------------------------------
+def run_metrics(run: Run) -> dict[str, float | None]:
+    """``{metric key: value}`` of a finished run, read from its evaluation files."""
+    results = {evaluation: json.loads((run.folder / f"{evaluation}.json").read_text()) for evaluation in EVALUATIONS}
+    return {metric.key: metric.read(results[metric.evaluation]) for metric in METRICS}
+
+
+def spread(values: list[float | None]) -> dict:
+    """Mean, sample standard deviation (None for one value) and count of the values that exist."""
+    present = [value for value in values if value is not None]
+    if not present:
+        return {"mean": None, "std": None, "n": 0}
+    std = float(np.std(present, ddof=1)) if len(present) > 1 else None
+    return {"mean": float(np.mean(present)), "std": std, "n": len(present)}
+
+
+def summarise(runs: list[Run]) -> dict:
+    """``{"runs": {method: {seed: metrics}}, "methods": {method: {metric: spread}}, "vs_dino": ...}``."""
+    per_run: dict[str, dict[str, dict]] = {}
+    for run in runs:
+        per_run.setdefault(run.method, {})[str(run.seed)] = run_metrics(run)
+    methods = {method: {metric.key: spread([values[metric.key] for values in seeds.values()]) for metric in METRICS}
+               for method, seeds in per_run.items()}
+    return {"runs": per_run, "methods": methods, "vs_dino": paired_differences(per_run)}
+
+
+def paired_differences(per_run: dict[str, dict[str, dict]]) -> dict:
+    """Each method minus ``dino``, seed by seed: the differences' spread and how many favour the method.
+
+    "Favour" means higher, except for the correspondence error, where lower is better.
+    """
+    differences = {}
+    for method, seeds in per_run.items():
+        if method in ("dino", RANDOM):
+            continue
+        differences[method] = {}
+        for metric in METRICS:
+            pairs = [(values[metric.key], per_run["dino"][seed][metric.key]) for seed, values in seeds.items()
+                     if seed in per_run["dino"] and None not in (values[metric.key], per_run["dino"][seed][metric.key])]
+            deltas = [ours - baseline for ours, baseline in pairs]
+            sign = -1 if metric.key == "corr_error" else 1
+            differences[method][metric.key] = {**spread(deltas), "better": sum(sign * d > 0 for d in deltas)}
+    return differences
+
+
+def format_cell(entry: dict, signed: bool = False) -> str:
+    if entry["mean"] is None:
+        return "-"
+    text = f"{entry['mean']:+.2f}" if signed else f"{entry['mean']:.2f}"
+    if entry["std"] is not None:
+        text += f" ± {entry['std']:.2f}"
+    if "better" in entry:
+        text += f" ({entry['better']}/{entry['n']})"
+    return text
+
+
+def markdown_table(summary: dict) -> str:
+    """Mean ± std per method and metric, random weights first, then each method's paired gain over DINO."""
+    header = "| method | " + " | ".join(metric.title for metric in METRICS) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(METRICS)]
+    for method, metrics in summary["methods"].items():
+        name = "random weights" if method == RANDOM else f"{method} ({metrics[METRICS[0].key]['n']} seeds)"
+        lines.append(f"| {name} | " + " | ".join(format_cell(metrics[m.key]) for m in METRICS) + " |")
+    for method, metrics in summary["vs_dino"].items():
+        lines.append(f"| {method} − dino, paired | "
+                     + " | ".join(format_cell(metrics[m.key], signed=True) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Bars (mean, std error bars, one dot per seed) per method, one panel per metric; random weights dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [method for method in summary["methods"] if method != RANDOM]
+    columns = 3
+    rows = math.ceil(len(METRICS) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for axis, metric in zip(axes.flat, METRICS):
+        means = [summary["methods"][m][metric.key]["mean"] or 0.0 for m in methods]
+        stds = [summary["methods"][m][metric.key]["std"] or 0.0 for m in methods]
+        axis.bar(range(len(methods)), means, yerr=stds, capsize=4, color="#9ecae1", edgecolor="#3182bd")
+        drawn = [mean + sign * std for mean, std in zip(means, stds) for sign in (-1, 1)]
+        for position, method in enumerate(methods):
+            values = [v[metric.key] for v in summary["runs"][method].values() if v[metric.key] is not None]
+            axis.plot([position] * len(values), values, "k.", markersize=5)
+            drawn += values
+        floor = summary["methods"][RANDOM][metric.key]["mean"]
+        if floor is not None:
+            axis.axhline(floor, color="grey", linestyle="--", linewidth=1, label="random weights")
+            drawn.append(floor)
+        axis.set_ylim(*value_range(drawn))  # not from zero, so that gaps of a point or two show
+        axis.set_xticks(range(len(methods)), methods, rotation=20)
+        axis.set_title(metric.title, fontsize=10)
+    for axis in list(axes.flat)[len(METRICS):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def value_range(values: list[float]) -> tuple[float, float]:
+    """Y limits spanning ``values`` (bar tops, error-bar ends, seed dots, the floor) with a margin."""
+    low, high = min(values), max(values)
+    margin = 0.15 * (high - low) or 1.0
+    return low - margin, high + margin
+
+
+def step_seconds(runs: list[Run]) -> dict[str, float]:
+    """Compute time of the recorded steps, per method and in all (resumed steps count their last try)."""
+    totals: dict[str, float] = {}
+    for run in runs:
+        for path in run.folder.glob("*.json"):
+            totals[run.method] = totals.get(run.method, 0.0) + json.loads(path.read_text()).get("seconds", 0.0)
+    totals["all"] = sum(totals.values())
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------
+# Script.
+# ----------------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> dict:
+    """Train and evaluate whatever is not done yet, then write and print the table; returns the summary."""
+    validate_args(args)
+    runs = plan_runs(args)
+    check_evaluations(args, runs)
+    check_or_record_settings(args)
+    steps = [(run, name, action) for run in execution_order(runs) for name, action in steps_of(args, run)]
+    for index, (run, name, action) in enumerate(steps, 1):
+        execute_step(run, name, action, f"[{index:>{len(str(len(steps)))}}/{len(steps)}]")
+    summary = summarise(runs)
+    summary["seconds"] = step_seconds(runs)
+    summary["eval_split"] = args.eval_split
+    table = markdown_table(summary)
+    (args.output_dir / "comparison.md").write_text(table + "\n")
+    utils.write_text_atomic(json.dumps(summary, indent=2) + "\n", args.output_dir / "comparison.json")
+    plot(summary, args.output_dir / "comparison.png")
+    print(f"\nOn {args.data_path / args.eval_split}, {args.seeds} seeds per method (mean ± std over seeds; "
+          f"paired rows: mean ± std of the per-seed differences, (seeds where the method is better)):\n")
+    print(table)
+    print(f"\nCompute time of all steps: {format_duration(summary['seconds']['all'])}. Wrote "
+          f"{args.output_dir / 'comparison.md'}, comparison.json and comparison.png", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,150 @@
+"""compare.py end to end on a tiny data set: table, JSON and chart; a killed comparison continues to the
+same table; other arguments in an existing folder and bad input are refused before anything is written."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import compare
+from conftest import TINY_ARGS, write_images
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+
+
+def compare_argv(data: Path, output: Path, *extra: str) -> list[str]:
+    return ["--data_path", str(data), "--output_dir", str(output), "--seeds", "2",
+            "--train_args", shlex.join(TINY_ARGS + ["--epochs", "2", "--lr", "0.05", "--momentum_teacher", "0.9"]), "--knn_k", "3", "--linear_epochs", "1",
+            "--correspondence_args", "--num_images 4 --batch_size 4", "--num_workers", "0", "--device", "cpu", *extra]
+
+
+def parse(*argv: str):
+    return compare.get_args_parser().parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compare_data")
+    write_images(root / "train", classes=("a", "b"), per_class=6, size=(20, 16), seed=1)
+    write_images(root / "val", classes=("a", "b"), per_class=3, size=(20, 16), seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(dataset, tmp_path_factory):
+    """An uninterrupted comparison: its folder and summary."""
+    output = tmp_path_factory.mktemp("compare") / "out"
+    return output, compare.main(parse(*compare_argv(dataset, output)))
+
+
+def test_table_json_and_chart(finished, capsys):
+    output, summary = finished
+    table = (output / "comparison.md").read_text()
+    for row in ("| random weights |", "| dino (2 seeds) |", "| pwself (2 seeds) |", "| pwself − dino, paired |"):
+        assert row in table
+    assert set(summary["runs"]) == {"random", "dino", "pwself"} and set(summary["runs"]["dino"]) == {"0", "1"}
+    for method in ("dino", "pwself"):
+        knn = [values["knn_top1"] for values in summary["runs"][method].values()]
+        assert summary["methods"][method]["knn_top1"]["mean"] == pytest.approx(sum(knn) / 2)
+        assert all(0 <= value <= 100 for value in knn)
+    difference = summary["vs_dino"]["pwself"]["linear_top1"]
+    expected = [summary["runs"]["pwself"][s]["linear_top1"] - summary["runs"]["dino"][s]["linear_top1"] for s in "01"]
+    assert difference["mean"] == pytest.approx(sum(expected) / 2) and difference["n"] == 2
+    assert json.loads((output / "comparison.json").read_text())["methods"] == summary["methods"]
+    with Image.open(output / "comparison.png") as chart:
+        assert chart.format == "PNG" and chart.width > 800
+    assert json.loads((output / "pwself" / "seed0" / "train.json").read_text())["epochs"] == 2
+
+
+def test_methods_train_with_their_own_arguments(finished):
+    output, _ = finished
+    teachers = {}
+    for method, patch_loss in (("dino", False), ("pwself", True)):
+        for seed in (0, 1):
+            run = output / method / f"seed{seed}" / "train"
+            args = json.loads((run / "args.json").read_text())
+            assert (args["patch_loss"], args["seed"], args["lr"]) == (patch_loss, seed, 0.05)
+            teachers[method, seed] = torch.load(run / "checkpoint.pth", weights_only=True)["teacher"]
+    for first, second in ((("dino", 0), ("pwself", 0)), (("dino", 0), ("dino", 1))):
+        assert any(not torch.equal(teachers[first][k], teachers[second][k]) for k in teachers[first])
+
+
+def test_rerun_reuses_everything(finished, dataset, capsys):
+    output, summary = finished
+    before = {path: path.stat().st_mtime_ns for path in output.rglob("*.json") if not path.name.startswith("compar")}
+    again = compare.main(parse(*compare_argv(dataset, output)))
+    assert "reused" in capsys.readouterr().out
+    assert again["runs"] == summary["runs"]
+    assert before == {path: path.stat().st_mtime_ns for path in before}
+
+
+def test_killed_comparison_continues_to_the_same_table(finished, dataset, tmp_path, root, capsys):
+    reference_output, reference = finished
+    output = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "compare.py", *compare_argv(dataset, output)], cwd=root,
+                               env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = output / "dino" / "seed0" / "train" / "checkpoint.pth"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert checkpoint.exists() and not (output / "comparison.md").exists()
+
+    summary = compare.main(parse(*compare_argv(dataset, output)))
+    assert "done before, reused" in capsys.readouterr().out  # the random floor's evaluations
+    assert summary["runs"] == reference["runs"]
+    assert (output / "comparison.md").read_text() == (reference_output / "comparison.md").read_text()
+
+
+def test_other_arguments_are_refused_listing_the_differences(finished, dataset):
+    output, _ = finished
+    settings = (output / "compare_args.json").read_text()
+    with pytest.raises(ValueError, match=r"--seeds: before 2, now 3[\s\S]*--variant"):
+        compare.main(parse(*compare_argv(dataset, output), "--seeds", "3", "--variant", "c=--matching centre"))
+    assert (output / "compare_args.json").read_text() == settings
+    assert not (output / "pwself" / "seed2").exists() and not (output / "c").exists()
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    (["--seeds", "0"], ValueError, "--seeds must be at least 1"),
+    (["--variant", "no equals sign"], ValueError, "NAME=ARGS"),
+    (["--variant", "dino=--lr 1"], ValueError, "is taken"),
+    (["--train_args", "--global_crops_size 18 --patch_size 4"], ValueError, "not a multiple of --patch_size"),
+    (["--eval_split", "holdout"], FileNotFoundError, "prepare_data.py --holdout"),
+    (["--correspondence_args", "--size 2"], ValueError, "--size 2 is smaller than one patch"),
+    (["--correspondence_args", "--query_scale 0.6 0.2"], ValueError, "--query_scale 0.6 0.2 must satisfy"),
+])
+def test_bad_input_is_refused_before_anything_is_written(dataset, tmp_path, extra, error, match):
+    output = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        compare.main(parse(*compare_argv(dataset, output), *extra))
+    assert not output.exists()
+
+
+def test_folders_without_images_and_foreign_folders_are_refused(dataset, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "val").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        compare.main(parse(*compare_argv(empty, tmp_path / "out")))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no compare_args.json"):
+        compare.main(parse(*compare_argv(dataset, foreign)))
+    assert [path.name for path in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_variants_are_pwself_with_extra_arguments():
+    methods = compare.parse_variants(["centre=--matching centre", "p4=--patch_size 4 --patch_loss false"])
+    assert methods["dino"] == ["--patch_loss", "false"] and methods["pwself"] == ["--patch_loss", "true"]
+    assert methods["centre"] == ["--patch_loss", "true", "--matching", "centre"]
+    assert methods["p4"][-2:] == ["--patch_loss", "false"]  # appended last, so it wins
