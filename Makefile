@@ -16,7 +16,7 @@ EVAL := $(ARCH) --data_path $(DEMO)/data --resize_size 32 --crop_size 32 --num_w
 # The demo's training recipe, also the comparison's (chosen on the holdout split, see README "Results").
 RECIPE := $(ARCH) --out_dim 512 --head_hidden_dim 256 --head_bottleneck_dim 64 --global_crops_size 32 \
 	--local_crops_size 16 --local_crops_number 2 --batch_size_per_gpu 32 --epochs 40 --warmup_epochs 3 \
-	--lr 0.012 --momentum_teacher 0.99 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --print_freq 500
+	--lr 0.006 --momentum_teacher 0.99 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --print_freq 500
 COMPARE := compare_output
 COMPARE_DATA := data/fashion_mnist_holdout
 CIFAR10 ?= cifar-10-python.tar.gz
@@ -57,7 +57,7 @@ demo: setup fashion-mnist
 compare: setup fashion-mnist
 	$(PY) prepare_data.py --dataset fashion_mnist --output_dir $(COMPARE_DATA) --limit_per_class 200 --holdout 100
 	$(PY) compare.py --data_path $(COMPARE_DATA) --output_dir $(COMPARE) --seeds 3 --train_args "$(RECIPE)" \
-		--correspondence_args "--num_images 1000" --device cpu --num_workers 2
+		--linear_lr 0.3 --correspondence_args "--num_images 1000" --device cpu --num_workers 2
 
 compare-cifar10: setup
 	$(PY) prepare_data.py --dataset cifar10 --source $(CIFAR10) --output_dir data/cifar10_holdout --holdout 500

@@ -44,7 +44,7 @@ import utils
 BASE_METHODS = {"dino": ["--patch_loss", "false"], "pwself": ["--patch_loss", "true"]}
 RANDOM = "random"
 # Arguments that may differ between a comparison and its rerun: they do not change any result.
-FREE_ARGS = ("output_dir", "num_workers", "device")
+FREE_ARGS = ("output_dir", "num_workers", "device", "extend")
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Evaluation resize of the shorter side (default: the crop size, no border cut).")
     parser.add_argument("--crop_size", default=None, type=int,
                         help="Evaluation crop side (default: each run's --global_crops_size).")
+    parser.add_argument("--extend", action="store_true",
+                        help="Let this rerun add --variant entries and seeds to an existing comparison (its runs "
+                             "are reused); every other argument must be as before.")
     parser.add_argument("--num_workers", default=2, type=int, help="Data-loading processes of every step.")
     utils.add_device_arg(parser)
     return parser
@@ -197,19 +200,32 @@ def check_or_record_settings(args: argparse.Namespace) -> None:
     path = args.output_dir / "compare_args.json"
     settings = recorded_settings(args)
     if path.is_file():
-        before = json.loads(path.read_text())
-        differences = [f"--{name}: before {before.get(name)!r}, now {settings.get(name)!r}"
-                       for name in sorted(set(before) | set(settings)) if before.get(name) != settings.get(name)]
+        differences = settings_differences(json.loads(path.read_text()), settings, args.extend)
         if differences:
             raise ValueError(f"{args.output_dir} holds a comparison made with other arguments; nothing was "
-                             "changed. Use another --output_dir, or the earlier arguments:\n  "
-                             + "\n  ".join(differences))
-        return
-    if args.output_dir.exists() and any(args.output_dir.iterdir()):
+                             "changed. Use another --output_dir, or the earlier arguments (--extend only adds "
+                             "variants and seeds):\n  " + "\n  ".join(differences))
+    elif args.output_dir.exists() and any(args.output_dir.iterdir()):
         raise FileExistsError(f"{args.output_dir} is not empty and holds no compare_args.json: choose a new "
                               "--output_dir (nothing was changed)")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     utils.write_text_atomic(json.dumps(settings, indent=2) + "\n", path)
+
+
+def settings_differences(before: dict, now: dict, extend: bool) -> list[str]:
+    """``--name: before X, now Y`` for every setting that changed, except additions allowed by ``extend``:
+    more seeds, and new variants (an existing variant's name keeps its arguments)."""
+    differences = []
+    for name in sorted(set(before) | set(now)):
+        old, new = before.get(name), now.get(name)
+        if old == new:
+            continue
+        if extend and name == "seeds" and new > old:
+            continue
+        if extend and name == "variant" and set(old) <= set(new):
+            continue  # every old variant is still there (a new one cannot reuse a name: parse_variants)
+        differences.append(f"--{name}: before {old!r}, now {new!r}")
+    return differences
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,8 +260,8 @@ def evaluation_argv(args: argparse.Namespace, run: Run, evaluation: str) -> list
     if evaluation == "knn":
         return common + ["--nb_knn", str(args.knn_k)]
     depth = run.train.depth or 12  # vit_tiny, vit_small and vit_base all have 12 blocks
-    return common + ["--epochs", str(args.linear_epochs), "--lrs", str(args.linear_lr),
-                     "--val_freq", str(args.linear_epochs), "--n_last_blocks", str(min(args.linear_n_last_blocks, depth)),
+    return common + ["--epochs", str(args.linear_epochs), "--lrs", str(args.linear_lr), "--val_freq",
+                     str(args.linear_epochs), "--n_last_blocks", str(min(args.linear_n_last_blocks, depth)),
                      "--seed", str(run.seed or 0), "--output_dir", str(run.folder / "linear")]
 
 

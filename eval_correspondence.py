@@ -22,7 +22,6 @@ generator seeded by (``--seed``, image index), so every model and batch size see
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     utils.add_device_arg(parser)
     parser.add_argument("--output_json", default="", type=str, help="Also write the results to this JSON file.")
     parser.add_argument("--visualize", default=None, nargs=2, metavar=("N", "DIR"),
-                        help="Draw the first N view pairs with their predicted matches as DIR/correspondence_*.png.")
+                        help="Draw N view pairs, evenly spaced over the evaluated images, with their predicted "
+                             "matches as DIR/correspondence_*.png.")
     return parser
 
 
@@ -342,10 +342,10 @@ def _cell_centre(cell_index: int, grid: int, cell: int, origin: tuple[int, int])
 
 def save_visualizations(images: Sequence[tuple[int, Path]], sampler: ViewPairSampler, predicted: torch.Tensor,
                         truth: torch.Tensor, patch_size: int, folder: Path) -> list[Path]:
-    """Figures of the first ``len(images)`` pairs as ``folder/correspondence_000.png`` ...
+    """Figures of the view pairs of ``images`` as ``folder/correspondence_000.png`` ...
 
-    The views are cut again from the same seeds (the same pairs as evaluated); ``predicted`` and
-    ``truth`` ``[>= len(images), N]`` come from ``evaluate_pairs``.
+    The views are cut again from the same seeds (the same pairs as evaluated); row i of ``predicted``
+    and ``truth`` (``[len(images), N]``, from ``evaluate_pairs``) belongs to ``images[i]``.
     """
     folder.mkdir(parents=True, exist_ok=True)
     pairs = build_view_pairs(images, sampler)
@@ -373,7 +373,10 @@ def run_evaluation(args: argparse.Namespace, images: Sequence[tuple[int, Path]],
     request = visualization_request(args)
     if request:
         count, folder = request
-        save_visualizations(images[:count], sampler, predicted, truth, args.patch_size, folder)
+        # Evenly spaced pairs: the images are in listing order, so the first few would share a class.
+        chosen = torch.linspace(0, len(images) - 1, min(count, len(images))).round().long().unique()
+        save_visualizations([images[i] for i in chosen], sampler, predicted[chosen], truth[chosen], args.patch_size,
+                            folder)
     metrics = correspondence_metrics(predicted, truth, textured, args.size // args.patch_size)
     return {"eval": "correspondence", "weights": args.pretrained_weights or "random_init",
             "settings": settings_of(args), "images": len(images), **metrics}
@@ -413,10 +416,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"Data: {len(images)} images from {args.data_path}")
     summary = run_evaluation(args, images, backbone_patch_features(model, args.n_last_blocks), device)
     print(format_summary(summary))
-    if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
-    print("FINAL " + json.dumps(summary))
+    utils.report_final(summary, args.output_json)
     return summary
 
 

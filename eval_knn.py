@@ -10,7 +10,6 @@ images, which vote for their class with weight ``exp(similarity / T)``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -215,10 +214,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
     summary = {"eval": "knn", "weights": args.pretrained_weights or args.load_features or "random_init",
                "results": results}
-    if args.output_json and utils.is_main_process():
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
-    print("FINAL " + json.dumps(summary))
+    utils.report_final(summary, args.output_json)
     return results
 
 

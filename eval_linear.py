@@ -238,7 +238,7 @@ def main(args: argparse.Namespace) -> dict:
         best = report(evaluate(probe, val_loader, feature_fn, val_labels, device))
     else:
         best = train(args, probe, train_loader, val_loader, val_labels, feature_fn, device, output_dir)
-    print("FINAL " + json.dumps({"eval": "linear", "weights": args.pretrained_weights or "random_init", "best": best}))
+    utils.report_final({"eval": "linear", "weights": args.pretrained_weights or "random_init", "best": best})
     return best
 
 

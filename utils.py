@@ -5,6 +5,7 @@ import argparse
 import builtins
 import contextlib
 import datetime
+import json
 import os
 import time
 from collections import defaultdict, deque
@@ -382,6 +383,15 @@ def load_state_strict(module: nn.Module, state_dict: dict, what: str, path: str 
 # ----------------------------------------------------------------------------------------------
 # Logging.
 # ----------------------------------------------------------------------------------------------
+def report_final(summary: dict, output_json: str | Path = "") -> None:
+    """An evaluation's last words: ``summary`` written to ``output_json`` (if given, by the main process)
+    and printed as one ``FINAL {json}`` line that scripts can parse."""
+    if output_json and is_main_process():
+        Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(summary, indent=2) + "\n", output_json)
+    print("FINAL " + json.dumps(summary), flush=True)
+
+
 class SmoothedValue:
     """A running series: the median and mean of a recent window, and the global mean."""
 

@@ -20,8 +20,9 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
 
 
 def compare_argv(data: Path, output: Path, *extra: str) -> list[str]:
+    train_args = shlex.join(TINY_ARGS + ["--epochs", "2", "--lr", "0.05", "--momentum_teacher", "0.9"])
     return ["--data_path", str(data), "--output_dir", str(output), "--seeds", "2",
-            "--train_args", shlex.join(TINY_ARGS + ["--epochs", "2", "--lr", "0.05", "--momentum_teacher", "0.9"]), "--knn_k", "3", "--linear_epochs", "1",
+            "--train_args", train_args, "--knn_k", "3", "--linear_epochs", "1",
             "--correspondence_args", "--num_images 4 --batch_size 4", "--num_workers", "0", "--device", "cpu", *extra]
 
 
@@ -109,8 +110,23 @@ def test_other_arguments_are_refused_listing_the_differences(finished, dataset):
     settings = (output / "compare_args.json").read_text()
     with pytest.raises(ValueError, match=r"--seeds: before 2, now 3[\s\S]*--variant"):
         compare.main(parse(*compare_argv(dataset, output), "--seeds", "3", "--variant", "c=--matching centre"))
+    with pytest.raises(ValueError, match=r"--linear_epochs: before 1, now 2"):  # --extend only adds
+        compare.main(parse(*compare_argv(dataset, output), "--extend", "--linear_epochs", "2"))
     assert (output / "compare_args.json").read_text() == settings
     assert not (output / "pwself" / "seed2").exists() and not (output / "c").exists()
+
+
+def test_extend_adds_a_variant_and_reuses_the_rest(dataset, tmp_path, capsys):
+    output = tmp_path / "out"
+    argv = compare_argv(dataset, output)
+    argv[argv.index("--seeds") + 1] = "1"
+    compare.main(parse(*argv))
+    capsys.readouterr()
+    summary = compare.main(parse(*argv, "--extend", "--variant", "centre=--matching centre"))
+    assert "pwself seed 0: train done before, reused" in capsys.readouterr().out
+    assert set(summary["runs"]) == {"random", "dino", "pwself", "centre"} and "centre − dino" in (
+        output / "comparison.md").read_text()
+    assert json.loads((output / "centre" / "seed0" / "train" / "args.json").read_text())["matching"] == "centre"
 
 
 @pytest.mark.parametrize("extra, error, match", [

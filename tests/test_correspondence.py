@@ -205,6 +205,15 @@ def test_a_folder_without_images_is_named(tmp_path):
         ec.main(parse("--random_init", "--data_path", str(tmp_path / "empty")))
 
 
+def test_weights_of_another_model_are_refused(trained_checkpoint, random_images):
+    argv = list(TINY_BACKBONE_ARGS)
+    argv[argv.index("--embed_dim") + 1] = "48"  # the checkpoint's backbone is 32 wide
+    args = ec.get_args_parser().parse_args(argv + ["--device", "cpu", "--size", "16", "--data_path",
+                                                   str(random_images), "--pretrained_weights", str(trained_checkpoint)])
+    with pytest.raises(RuntimeError, match=r"do not fit this backbone[\s\S]*shape mismatches"):
+        ec.main(args)
+
+
 # ----------------------------------------------------------------------------------------------
 # Every model sees the same pairs.
 # ----------------------------------------------------------------------------------------------
