@@ -1,6 +1,7 @@
 """k-NN and linear evaluation: the classifier math, weight loading, and both scripts end to end."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -189,6 +190,19 @@ def test_knn_script_with_trained_and_random_weights(dataset_and_checkpoint, tmp_
     random = eval_knn.main(parser.parse_args(common + ["--random_init"]))
     assert set(random) == {1, 3, 50} and all(0 <= r["top1"] <= 100 for r in random.values())
     assert final_line(capsys.readouterr().out)["weights"] == "random_init"
+
+
+def test_val_split_picks_the_evaluated_folder(dataset_and_checkpoint, tmp_path):
+    data, _ = dataset_and_checkpoint
+    holdout = tmp_path / "data"
+    shutil.copytree(data / "train", holdout / "train")
+    write_images(holdout / "holdout", classes=("cat", "dog", "owl"), per_class=1, seed=3)
+    common = EVAL_ARGS + ["--random_init", "--nb_knn", "1"]
+    parser = eval_knn.get_args_parser()
+    result = eval_knn.main(parser.parse_args(common + ["--data_path", str(holdout), "--val_split", "holdout"]))
+    assert result[1]["top1"] in (0.0, 100 / 3, 200 / 3, 100.0)  # three holdout images were classified
+    with pytest.raises(FileNotFoundError, match=r"holdout.*prepare_data.py --holdout"):
+        eval_knn.main(parser.parse_args(common + ["--data_path", str(data), "--val_split", "holdout"]))
 
 
 def test_linear_script_trains_resumes_and_evaluates(dataset_and_checkpoint, tmp_path, capsys):
