@@ -3,7 +3,7 @@
 # make compare : PW-Self against DINO on Fashion-MNIST, 3 seeds each, k-NN / linear / correspondence, one
 #             table (compare_output/comparison.md), in about 26 minutes on 2 cores; reruns reuse what is done.
 # make compare-more : after make compare, the investigations of README "Results" (CLS weight, matching rule,
-#             10 epochs, patch 4), about 2 hours on 2 cores.
+#             10 epochs, patch 4), about 1 hour 40 minutes on 2 cores.
 # make compare-cifar10 CIFAR10=path/to/cifar-10-python.tar.gz : the same on CIFAR-10 at 32 px, patch 4, on a GPU
 #             (a starting recipe, not run by us: we had no GPU).
 # make test : the test suite (set-up included); .ci/run calls it.

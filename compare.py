@@ -405,7 +405,8 @@ def markdown_table(summary: dict) -> str:
     header = "| method | " + " | ".join(metric.title for metric in METRICS) + " |"
     lines = [header, "| --- |" + " ---: |" * len(METRICS)]
     for method, metrics in summary["methods"].items():
-        name = "random weights" if method == RANDOM else f"{method} ({metrics[METRICS[0].key]['n']} seeds)"
+        count = metrics[METRICS[0].key]["n"]
+        name = "random weights" if method == RANDOM else f"{method} ({count} seed{'s' * (count != 1)})"
         lines.append(f"| {name} | " + " | ".join(format_cell(metrics[m.key]) for m in METRICS) + " |")
     for method, metrics in summary["vs_dino"].items():
         lines.append(f"| {method} − dino, paired | "
@@ -480,10 +481,10 @@ def main(args: argparse.Namespace) -> dict:
     summary["seconds"] = step_seconds(runs)
     summary["eval_split"] = args.eval_split
     table = markdown_table(summary)
-    (args.output_dir / "comparison.md").write_text(table + "\n")
+    utils.write_text_atomic(table + "\n", args.output_dir / "comparison.md")
     utils.write_text_atomic(json.dumps(summary, indent=2) + "\n", args.output_dir / "comparison.json")
     plot(summary, args.output_dir / "comparison.png")
-    print(f"\nOn {args.data_path / args.eval_split}, {args.seeds} seeds per method (mean ± std over seeds; "
+    print(f"\nOn {args.data_path / args.eval_split}, {args.seeds} seed(s) per method (mean ± std over seeds; "
           f"paired rows: mean ± std of the per-seed differences, (seeds where the method is better)):\n")
     print(table)
     print(f"\nCompute time of all steps: {format_duration(summary['seconds']['all'])}. Wrote "

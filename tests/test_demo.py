@@ -1,5 +1,6 @@
 """The Makefile's targets and the demo report."""
 import json
+import os
 import shutil
 import subprocess
 
@@ -9,14 +10,25 @@ from PIL import Image
 import demo_report
 
 
+def make_dry_run(root, target: str) -> str:
+    """The commands `make -n target` would run, as a top-level make prints them.
+
+    The suite itself runs under `make test`, whose MAKELEVEL/MAKEFLAGS would make the inner make print
+    "Entering directory" lines; a clean environment keeps the output to the recipe.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    command = ["make", "--no-print-directory", "-n", target]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_targets_list_their_steps(root):
-    demo = subprocess.run(["make", "-n", "demo"], cwd=root, capture_output=True, text=True, check=True).stdout
+    demo = make_dry_run(root, "demo")
     steps = ["prepare_data.py", "patch_wise_dino.py", "eval_knn.py --pretrained_weights", "eval_knn.py --random_init",
              "patch_matching.py", "demo_report.py"]
     positions = [demo.find(step) for step in steps]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), demo
-    test = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
+    test = make_dry_run(root, "test")
     assert "-m pytest -q" in test
 
 
@@ -46,7 +58,7 @@ def test_make_compare_targets_prepare_a_holdout_and_pass_valid_recipes(root, tmp
 
     import compare
 
-    steps = subprocess.run(["make", "-n", target], cwd=root, capture_output=True, text=True, check=True).stdout
+    steps = make_dry_run(root, target)
     steps = steps.replace("\\\n", " ").splitlines()
     assert "prepare_data.py" in steps[-2] and "--holdout" in steps[-2] and "compare.py" in steps[-1]
     argv = shlex.split(steps[-1])[2:]
