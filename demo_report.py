@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import utils
+
 CURVES = ("loss", "loss_cls", "loss_patch")
 
 
@@ -73,4 +75,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

@@ -277,4 +277,4 @@ def train(args, probe: Probe, train_loader, val_loader, val_labels, feature_fn, 
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import utils
 from transforms_patch import RandomHorizontalFlipWithGeometry, RandomResizedCropWithGeometry, ViewGeometry
 
 MATCHING_MODES = ("upstream", "centre")
@@ -371,4 +372,4 @@ def main(args: argparse.Namespace) -> tuple[list[int], list[int]]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

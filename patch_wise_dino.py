@@ -1028,4 +1028,4 @@ def main(args: argparse.Namespace) -> Trainer:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

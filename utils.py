@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import json
 import os
+import sys
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -31,6 +32,47 @@ def bool_flag(value: str) -> bool:
     if lowered in {"false", "off", "no", "0"}:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# Errors our own code raises on purpose to explain a problem and its fix (see ``run_script``).
+EXPLAINED_ERROR_TYPES = (ValueError, OSError, RuntimeError, ArithmeticError)
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+def is_explained_error(error: BaseException) -> bool:
+    """True for an error raised by this project's scripts (innermost frame in one of them) of a kind
+    they raise to name a problem; false for anything a library raised, or a bug's ``TypeError``."""
+    frame = error.__traceback__
+    if frame is None or not isinstance(error, EXPLAINED_ERROR_TYPES):
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return Path(frame.tb_frame.f_code.co_filename).resolve().parent == PROJECT_DIR
+
+
+def run_script(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser) -> None:
+    """A script's entry point: parse the command line and run ``main``.
+
+    An explained error (``is_explained_error``) prints its message alone and exits with status 1;
+    unexpected errors, and every error under ``--debug``, keep their full traceback. Ctrl-C exits
+    with status 130 and one line.
+    """
+    parser.add_argument("--debug", action="store_true",
+                        help="Show the full traceback of every error (by default an error the script explains "
+                             "prints its message alone).")
+    args = parser.parse_args()
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        sys.stderr.write("\ninterrupted (Ctrl-C)\n")
+        sys.exit(130)
+    except Exception as error:
+        if args.debug or not is_explained_error(error):
+            raise
+        sys.stderr.write(f"error: {error}\n(rerun with --debug for the traceback)\n")
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -169,3 +169,32 @@ def test_torchrun_restarts_with_a_shared_store_are_warned_about(monkeypatch, cap
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable gives
     utils.warn_if_restarts_share_a_store()
     assert capsys.readouterr().out == ""
+
+
+def test_explained_errors_print_their_message_alone_and_debug_restores_the_traceback(root, tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "prepare_data.py", "--dataset", "fashion_mnist", "--output_dir", str(tmp_path / "out"),
+               "--limit_per_class", "-3"]
+    plain = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert "error: --limit_per_class must be positive, got -3" in plain.stderr and "--debug" in plain.stderr
+    debug = subprocess.run(command + ["--debug"], cwd=root, capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ValueError" in debug.stderr
+
+
+def test_only_errors_raised_by_the_project_count_as_explained():
+    import json
+
+    def caught(action) -> BaseException:
+        try:
+            action()
+        except Exception as error:
+            return error
+        raise AssertionError("no error")
+
+    assert utils.is_explained_error(caught(lambda: utils.load_checkpoint("/nonexistent/checkpoint.pth")))
+    assert not utils.is_explained_error(caught(lambda: json.loads("{")))  # a ValueError inside the json library
+    assert not utils.is_explained_error(caught(lambda: None + 1))  # a bug: TypeError
+    assert not utils.is_explained_error(ValueError("never raised"))
