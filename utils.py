@@ -405,6 +405,14 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     return checkpoint
 
 
+def first_non_finite(state_dict: dict) -> str | None:
+    """The name of the first floating-point tensor in ``state_dict`` holding a NaN or an infinity, else None."""
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
 def require_keys(checkpoint: dict, keys: Iterable[str], path: str | Path, what: str, fix: str) -> None:
     """Stop with a clear error when ``checkpoint`` (read from ``path``) lacks any of ``keys``."""
     missing = [key for key in keys if key not in checkpoint]

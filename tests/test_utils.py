@@ -198,3 +198,10 @@ def test_only_errors_raised_by_the_project_count_as_explained():
     assert not utils.is_explained_error(caught(lambda: json.loads("{")))  # a ValueError inside the json library
     assert not utils.is_explained_error(caught(lambda: None + 1))  # a bug: TypeError
     assert not utils.is_explained_error(ValueError("never raised"))
+
+
+def test_first_non_finite_names_the_first_bad_tensor():
+    state = {"step": torch.tensor(3), "a.weight": torch.ones(2), "b.weight": torch.tensor([1.0, math.inf]),
+             "c.bias": torch.tensor([math.nan])}
+    assert utils.first_non_finite(state) == "b.weight"
+    assert utils.first_non_finite({"a.weight": torch.zeros(3), "count": 7}) is None
