@@ -44,7 +44,7 @@ import utils
 BASE_METHODS = {"dino": ["--patch_loss", "false"], "pwself": ["--patch_loss", "true"]}
 RANDOM = "random"
 # Arguments that may differ between a comparison and its rerun: they do not change any result.
-FREE_ARGS = ("output_dir", "num_workers", "device", "extend")
+FREE_ARGS = ("output_dir", "num_workers", "device", "extend", "debug")
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--whitening_path", default="", type=str,
                         help="A folder of images to learn PCA whitening on (optional; not Copydays images).")
     parser.add_argument("--imsize", default=320, type=int, help="Images are resized to imsize x imsize.")
-    parser.add_argument("--topk", default=20, type=int, help="Results retrieved per query.")
+    parser.add_argument("--topk", default=20, type=int, help="Results retrieved per query (at least 1).")
     parser.add_argument("--batch_size_per_gpu", default=16, type=int, help="Images per forward pass.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
     utils.add_device_arg(parser)
     parser.add_argument("--output_dir", default=".", type=str, help="Where copydays.json is written.")
     return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Stop at the start, naming the argument, on settings that cannot give a meaningful mAP."""
+    if args.topk < 1:
+        raise ValueError(f"--topk must be at least 1 (results retrieved per query), got {args.topk}: with none "
+                         "retrieved every query's AP would be 0")
+    if args.imsize < args.patch_size or args.imsize % args.patch_size:
+        raise ValueError(f"--imsize {args.imsize} must be a positive multiple of --patch_size {args.patch_size}")
+    if args.batch_size_per_gpu < 1:
+        raise ValueError(f"--batch_size_per_gpu must be positive, got {args.batch_size_per_gpu}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +151,7 @@ def evaluate_blocks(query_features: torch.Tensor, database_features: torch.Tenso
 
 def main(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{block: mAP, ..., "overall": mAP}`` in percent."""
+    validate_args(args)
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     originals, blocks = read_copydays(args.data_path)

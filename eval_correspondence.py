@@ -81,6 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop early, with the argument's name, on settings that cannot work."""
+    vits.validate_backbone_args(args)
     if args.size < args.patch_size:
         raise ValueError(f"--size {args.size} is smaller than one patch (--patch_size {args.patch_size})")
     if args.size % args.patch_size:

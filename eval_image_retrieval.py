@@ -52,6 +52,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Stop at the start, naming the argument, when images would be smaller than one patch."""
+    smallest = smallest_side(args.imsize, args.multiscale)
+    if smallest < args.patch_size:
+        scale = " at the 1/2 scale of --multiscale" if args.multiscale else ""
+        raise ValueError(f"--imsize {args.imsize} gives images of {smallest} pixels{scale}, smaller than one patch "
+                         f"(--patch_size {args.patch_size}); raise --imsize")
+
+
+def smallest_side(side: int, multiscale: bool) -> int:
+    """The pixels left of an image side of ``side`` at the smallest scale ``cls_features`` feeds the model."""
+    factor = min(MULTISCALE_FACTORS) if multiscale else 1.0
+    return math.floor(side * factor)  # what F.interpolate(scale_factor=...) keeps
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics (revisitop semantics).
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +173,26 @@ def load_ground_truth(data_path: str, dataset: str) -> dict:
     return ground_truth
 
 
+def check_query_boxes(ground_truth: dict, args: argparse.Namespace) -> None:
+    """Refuse, naming the query and its box, a ``bbx`` that crops to nothing (x1 <= x0 or y1 <= y0, after
+    PIL's rounding) or to a sliver that is thinner than one patch once resized to ``--imsize``."""
+    for index, (name, entry) in enumerate(zip(ground_truth["qimlist"], ground_truth["gnd"])):
+        box = entry.get("bbx")
+        where = f"query {index} ({name}) in gnd_{args.dataset}.pkl has the box {box}"
+        if box is None or len(box) != 4:
+            raise ValueError(f"{where}: expected bbx = [x1, y1, x2, y2]; fix the ground truth")
+        x0, y0, x1, y1 = (round(float(value)) for value in box)  # as Image.crop rounds it
+        width, height = x1 - x0, y1 - y0
+        if width <= 0 or height <= 0:
+            raise ValueError(f"{where}, which crops to {max(width, 0)}x{max(height, 0)} pixels (x2 <= x1 or "
+                             "y2 <= y1): fix that box, or drop the query from the ground truth")
+        short = smallest_side(max(1, round(min(width, height) * args.imsize / max(width, height))), args.multiscale)
+        if short < args.patch_size:
+            raise ValueError(f"{where} ({width}x{height} pixels): resized to --imsize {args.imsize} its shorter side "
+                             f"is {short} pixels, under one patch (--patch_size {args.patch_size}); raise --imsize "
+                             "or fix that box")
+
+
 def image_files(data_path: str, dataset: str, names: list[str]) -> list[Path]:
     folder = Path(data_path) / dataset / "jpg"
     files = [folder / f"{name}.jpg" for name in names]
@@ -211,9 +246,11 @@ def evaluate_protocols(ranks: np.ndarray, gnd: list[dict], kappas=(1, 5, 10)) ->
 
 def main(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{protocol: {"mAP", "mP@1", "mP@5", "mP@10"}}`` in percent."""
+    validate_args(args)
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     ground_truth = load_ground_truth(args.data_path, args.dataset)
+    check_query_boxes(ground_truth, args)
     transform = transforms.Compose([ResizeLongerSide(args.imsize), transforms.ToTensor(),
                                     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     database = ImageList(image_files(args.data_path, args.dataset, ground_truth["imlist"]), transform)

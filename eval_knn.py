@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.datasets import ImageFolder
 
 import utils
 import vision_transformer as vits
@@ -39,7 +38,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Side of the centre crop fed to the model; use the training resolution "
                              "(e.g. 32 for CIFAR-sized models). A multiple of the patch size.")
     parser.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int,
-                        help="Numbers of neighbours to evaluate (each gives one result).")
+                        help="Numbers of neighbours to evaluate (each gives one result). A k above the number "
+                             "of training images N is evaluated as N (every image votes), with a warning, and "
+                             "reported under N: the printed lines and the FINAL json name the k actually used.")
     parser.add_argument("--temperature", default=0.07, type=float, help="T in the vote weight exp(sim / T).")
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process and forward pass.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
@@ -58,6 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def validate_args(args: argparse.Namespace) -> None:
     if args.load_features:
         return
+    vits.validate_backbone_args(args)
     if not args.data_path:
         raise ValueError("--data_path is required unless --load_features is given")
     if args.crop_size % args.patch_size:
@@ -69,7 +71,7 @@ def validate_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 # Data and features (shared by the other evaluation scripts).
 # ----------------------------------------------------------------------------------------------
-class IndexedImageFolder(ImageFolder):
+class IndexedImageFolder(utils.ImageFolderDataset):
     """ImageFolder yielding ``(image, index)`` so that features gathered across processes land in place."""
 
     def __getitem__(self, index: int):
@@ -77,9 +79,11 @@ class IndexedImageFolder(ImageFolder):
         return image, index
 
 
-def build_split(data_path: str | Path, split: str, transform, dataset_class=ImageFolder) -> ImageFolder:
-    """``<data_path>/<split>/<class>/*`` as an ImageFolder, with an error that names the layout; images are
-    read by ``utils.read_rgb_image`` (16-bit and palette images converted, unreadable ones named)."""
+def build_split(data_path: str | Path, split: str, transform,
+                dataset_class=utils.ImageFolderDataset) -> utils.ImageFolderDataset:
+    """``<data_path>/<split>/<class>/*`` as an ImageFolder, with an error that names the layout; files are
+    listed by ``utils.ImageFolderDataset``'s rule (hidden ones ignored, symlinks once, unreadable folders
+    named) and read by ``utils.read_rgb_image`` (16-bit and palette images converted, unreadable ones named)."""
     folder = Path(data_path) / split
     if not folder.is_dir():
         fix = " (a holdout split is written by prepare_data.py --holdout N)" if split == "holdout" else ""
@@ -190,8 +194,22 @@ def compute_features(args: argparse.Namespace, device: torch.device):
     return features[0], features[1], labels[0], labels[1]
 
 
+def neighbour_counts(requested: list[int], num_train: int) -> list[int]:
+    """The ``k`` values to evaluate: each requested one, capped at the ``num_train`` training images (with a
+    warning: a "200-NN" result computed from 12 neighbours would be mislabelled), without repeats."""
+    used = []
+    for k in requested:
+        if k > num_train:
+            print(f"warning: --nb_knn {k} is more than the {num_train} training images; evaluating and reporting "
+                  f"it as {num_train}-NN (every training image votes)", flush=True)
+        if min(k, num_train) not in used:
+            used.append(min(k, num_train))
+    return used
+
+
 def main(args: argparse.Namespace) -> dict:
-    """Run the evaluation; returns ``{k: {"top1": ..., "top5": ...}}`` (on every process)."""
+    """Run the evaluation; returns ``{k: {"top1": ..., "top5": ...}}`` (on every process), ``k`` as used
+    (``--nb_knn`` values above the number of training images become that number)."""
     validate_args(args)
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
@@ -207,7 +225,7 @@ def main(args: argparse.Namespace) -> dict:
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     knn_device = device if device.type == "cuda" else torch.device("cpu")
     results = {}
-    for k in args.nb_knn:
+    for k in neighbour_counts(args.nb_knn, len(train_features)):
         top1, top5 = knn_classifier(train_features.to(knn_device), train_labels, test_features.to(knn_device),
                                     test_labels, k, args.temperature, num_classes, use_faiss=args.use_faiss)
         results[k] = {"top1": top1, "top5": top5}

@@ -69,6 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    vits.validate_backbone_args(args)
     if not args.data_path:
         raise ValueError("--data_path is required")
     if args.crop_size % args.patch_size:
@@ -251,13 +252,9 @@ def load_probe_checkpoint(path: Path) -> dict:
 
 
 def train(args, probe: Probe, train_loader, val_loader, val_labels, feature_fn, device, output_dir: Path) -> dict:
+    """Train the heads from where ``<output_dir>/linear_checkpoint.pth`` left off; returns the best result."""
     checkpoint_path = output_dir / CHECKPOINT_NAME
-    start_epoch, best = 0, None
-    if checkpoint_path.exists():
-        checkpoint = load_probe_checkpoint(checkpoint_path)
-        probe.load_state_dict(checkpoint["probe"], checkpoint_path)
-        start_epoch, best = checkpoint["epoch"], checkpoint["best"]
-        print(f"Resumed linear heads from {checkpoint_path} at epoch {start_epoch}")
+    start_epoch, best = resume(probe, checkpoint_path, output_dir / "log.txt")
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_losses = train_one_epoch(probe, train_loader, feature_fn, device, epoch)
@@ -268,12 +265,33 @@ def train(args, probe: Probe, train_loader, val_loader, val_labels, feature_fn, 
             best = epoch_best if best is None or epoch_best["top1"] > best["top1"] else best
             record.update(val=results, best=best)
         if utils.is_main_process():
-            utils.save_atomic({"probe": probe.state_dict(), "epoch": epoch + 1, "best": best, "args": vars(args)},
-                              checkpoint_path)
+            # The log line first, the checkpoint last: the checkpoint is the commit point a restart trusts,
+            # and the restart drops log lines it does not cover (a kill in between loses nothing).
             with open(output_dir / "log.txt", "a") as log:
                 log.write(json.dumps(record) + "\n")
+            utils.save_atomic({"probe": probe.state_dict(), "epoch": epoch + 1, "best": best, "args": vars(args)},
+                              checkpoint_path)
     print(f"Best over training: lr {best['lr']:g}, top-1 {best['top1']:.2f}, top-5 {best['top5']:.2f}")
     return best
+
+
+def resume(probe: Probe, checkpoint_path: Path, log_path: Path) -> tuple[int, dict | None]:
+    """Load the heads from ``checkpoint_path`` if it exists; returns ``(next epoch, best so far)``.
+
+    The main process also clears what a killed run left behind: a checkpoint temporary, and log lines
+    of epochs the checkpoint does not cover (they are redone).
+    """
+    start_epoch, best = 0, None
+    if checkpoint_path.exists():
+        checkpoint = load_probe_checkpoint(checkpoint_path)
+        probe.load_state_dict(checkpoint["probe"], checkpoint_path)
+        start_epoch, best = checkpoint["epoch"], checkpoint["best"]
+        print(f"Resumed linear heads from {checkpoint_path} at epoch {start_epoch}")
+    if utils.is_main_process():
+        for stale in utils.remove_stale_temporaries(checkpoint_path.parent):
+            print(f"Removed {stale}, left by a process killed while writing it", flush=True)
+        utils.trim_epoch_log(log_path, start_epoch)
+    return start_epoch, best
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@ Restarting the same command (also after ``kill -9``, or under ``torchrun --max_r
 ``<output_dir>/checkpoint.pth``, at the next iteration when ``--save_every_iters`` wrote it mid-epoch, and
 ends with the weights an uninterrupted run would have: every random draw is a function of (seed, epoch,
 rank, position in the epoch), never of the process history.
+
+One run per output folder: rank 0 holds ``<output_dir>/.lock`` for the whole run, and a second process
+started there is refused, naming the first. SIGTERM, SIGUSR1 (SLURM's ``--signal``) or Ctrl-C stop
+training after the current step (every process after the same one), with checkpoint.pth written at that
+exact iteration; the script then exits with ``STOPPED_EXIT_STATUS`` (3): stopped, not finished, resumable.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,10 +45,15 @@ from vision_transformer import DINOHead
 
 NUM_GLOBAL_VIEWS = 2
 SAMPLE_SEED, STEP_SEED = 0, 1  # tags that keep the two kinds of derived seeds apart
+STOPPED_EXIT_STATUS = 3  # the command line's status when a signal stopped training: checkpoint saved, not finished
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("PW-Self", add_help=False)
+    parser = argparse.ArgumentParser(
+        "PW-Self", add_help=False,
+        epilog=f"Exit status: 0 finished, 1 an error (its message names the fix), 2 bad arguments, "
+               f"{STOPPED_EXIT_STATUS} stopped by SIGTERM, SIGUSR1 or Ctrl-C with checkpoint.pth saved (rerun the same "
+               "command to continue), 130 a second Ctrl-C.")
 
     group = parser.add_argument_group("model")
     vits.add_backbone_args(group)
@@ -130,12 +142,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("run")
     group.add_argument("--data_path", required=True, type=str,
                        help="Training images: an ImageFolder (class sub-folders) or a flat folder of images.")
-    group.add_argument("--output_dir", default=".", type=str, help="Where logs and checkpoints are written.")
+    group.add_argument("--output_dir", default=".", type=str,
+                       help="Where logs and checkpoints are written, by one run at a time: a second run started "
+                            "there is refused, naming the first.")
     group.add_argument("--saveckp_freq", default=20, type=int,
                        help="Keep checkpoint{epoch:04}.pth every this many epochs (0: never).")
     group.add_argument("--save_every_iters", default=0, type=int,
                        help="Also write checkpoint.pth every this many iterations within an epoch (0: only at "
                             "epoch ends). A restart continues at the next iteration, exactly as if uninterrupted.")
+    group.add_argument("--resume_from", default=None, type=str,
+                       help="Continue from this training checkpoint (e.g. a periodic checkpoint0099.pth) when "
+                            "<output_dir>/checkpoint.pth does not exist; the file is only read. Training goes on "
+                            "exactly as it did from there (log lines after it are redone) and writes checkpoint.pth, "
+                            "which a rerun of the same command then continues from. Refused when checkpoint.pth "
+                            "exists but was not written by a run resumed from this file.")
     group.add_argument("--allow_args_change", action="store_true",
                        help="Resume even though arguments that decide the result (RESUME_CRITICAL_ARGS: model, "
                             "loss, schedules, crops, batch size, seed, epochs) or the number of images or "
@@ -153,41 +173,68 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Stop early, with the fix named, on arguments that cannot work."""
+    """Stop early, listing every argument that cannot work, with the fix named."""
+    problems = (vits.check_backbone_args(args) + _count_problems(args) + _crop_problems(args)
+                + _optimisation_problems(args) + _path_problems(args))
+    if problems:
+        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def _count_problems(args: argparse.Namespace) -> list[str]:
+    """Sizes and counts that must be positive, or at least 0."""
+    problems = [f"--{name} must be positive, got {getattr(args, name)}"
+                for name in ("out_dim", "batch_size_per_gpu", "epochs", "print_freq", "global_crops_size",
+                             "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "loss_chunk_mib")
+                if getattr(args, name) <= 0]
+    problems += [f"--{name} must be >= 0, got {getattr(args, name)}"
+                 for name in ("local_crops_number", "num_workers", "saveckp_freq", "save_every_iters",
+                              "warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs", "seed")
+                 if getattr(args, name) < 0]
+    return problems
+
+
+def _crop_problems(args: argparse.Namespace) -> list[str]:
+    """Crop sides that do not tile into patches, and crop scales outside (0, 1]."""
     problems = []
-    if args.global_crops_size % args.patch_size:
-        problems.append(f"--global_crops_size {args.global_crops_size} is not a multiple of "
-                        f"--patch_size {args.patch_size}")
-    if args.local_crops_number > 0 and args.local_crops_size % args.patch_size:
-        problems.append(f"--local_crops_size {args.local_crops_size} is not a multiple of "
-                        f"--patch_size {args.patch_size}")
-    for name in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "print_freq", "global_crops_size",
-                 "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "loss_chunk_mib"):
-        if getattr(args, name) <= 0:
-            problems.append(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("embed_dim", "depth", "num_heads"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            problems.append(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("local_crops_number", "num_workers", "saveckp_freq", "save_every_iters", "warmup_epochs",
-                 "freeze_last_layer", "warmup_teacher_temp_epochs"):
-        if getattr(args, name) < 0:
-            problems.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    sides = {"global_crops_size": True, "local_crops_size": args.local_crops_number > 0}
+    if args.patch_size > 0:  # a non-positive patch is reported with the backbone's arguments
+        problems += [f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}"
+                     for name, used in sides.items() if used and getattr(args, name) % args.patch_size]
     for name in ("global_crops_scale", "local_crops_scale"):
         low, high = getattr(args, name)
         if not 0 < low <= high <= 1:
             problems.append(f"--{name} must satisfy 0 < min <= max <= 1, got {low} {high}")
-    if args.warmup_teacher_temp_epochs > args.epochs:
-        problems.append("--warmup_teacher_temp_epochs cannot exceed --epochs")
-    if min(args.teacher_temp, args.warmup_teacher_temp) <= 0:
-        problems.append("teacher temperatures must be positive")
-    if args.cls_weight is not None and not 0 <= args.cls_weight <= 1:
-        problems.append(f"--cls_weight must lie in [0, 1], got {args.cls_weight}")
+    return problems
+
+
+def _optimisation_problems(args: argparse.Namespace) -> list[str]:
+    """Optimisation, regularisation and loss settings outside the range where they mean something."""
+    # A negative learning rate is gradient ascent, a negative clip an inverted gradient: never intended.
+    problems = [f"--{name} must be a number >= 0, got {getattr(args, name)}"
+                for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad")
+                if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0)]
+    if not 0 <= args.drop_path_rate < 1:  # a rate of 1 drops every block: a division by zero in timm
+        problems.append(f"--drop_path_rate must lie in [0, 1), got {args.drop_path_rate}")
     if not 0 <= args.momentum_teacher <= 1:
         problems.append(f"--momentum_teacher must lie in [0, 1], got {args.momentum_teacher}")
-    if not Path(args.data_path).is_dir():
-        problems.append(f"--data_path {args.data_path} is not a folder")
-    if problems:
-        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+    if args.cls_weight is not None and not 0 <= args.cls_weight <= 1:
+        problems.append(f"--cls_weight must lie in [0, 1], got {args.cls_weight}")
+    if not (args.teacher_temp > 0 and args.warmup_teacher_temp > 0):
+        problems.append("teacher temperatures must be positive")
+    if args.warmup_teacher_temp_epochs > args.epochs:
+        problems.append("--warmup_teacher_temp_epochs cannot exceed --epochs")
+    return problems
+
+
+def _path_problems(args: argparse.Namespace) -> list[str]:
+    """A missing data folder, or an output folder that cannot be created because a file is in the way."""
+    problems = [] if Path(args.data_path).is_dir() else [f"--data_path {args.data_path} is not a folder"]
+    output_dir = Path(args.output_dir)
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    if not existing.is_dir():
+        problems.append(f"--output_dir {args.output_dir} cannot be a folder: {existing} is a file; "
+                        "choose another --output_dir")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,15 +269,16 @@ class TrainingImages(Dataset):
     def _read_or_replace(self, index: int) -> tuple[Image.Image, int]:
         """The image at ``index`` or, if unreadable, at seeded random indices; and the number skipped."""
         for attempt in range(self.max_attempts):
+            tried = self.files[index]
             try:
-                return utils.read_rgb_image(self.files[index]), attempt
+                return utils.read_rgb_image(tried), attempt
             except utils.UnreadableImageError as error:
                 if self.strict:
                     raise utils.UnreadableImageError(f"{error} (--strict_images: fix or remove the file, or "
                                                      "drop --strict_images to skip unreadable images)") from None
                 sys.stderr.write(f"warning: {error}; skipped, replaced by another image\n")
                 index = int(torch.randint(len(self.files), ()))
-        raise RuntimeError(f"{self.max_attempts} unreadable images in a row (the last {self.files[index]}); "
+        raise RuntimeError(f"{self.max_attempts} unreadable images in a row (the last {tried}); "
                            "check --data_path")
 
 
@@ -476,6 +524,7 @@ class PatchWiseDINOLoss(nn.Module):
         self.student_temp, self.center_momentum, self.cls_weight = student_temp, center_momentum, cls_weight
         self.teacher_temps, self.chunk_elements, self.compile = teacher_temps, chunk_elements, compile
         self.register_buffer("center", torch.zeros(num_positions, out_dim))
+        self.piggyback: torch.Tensor | None = None  # see _sum_over_processes
 
     def forward(self, student_z: torch.Tensor, student_weight: torch.Tensor, teacher_z: torch.Tensor,
                 teacher_weight: torch.Tensor, pairs: MatchedPairs, epoch: int,
@@ -554,7 +603,7 @@ class PatchWiseDINOLoss(nn.Module):
     def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
         """``C <- m C + (1 - m) * mean over samples and global views`` per position, over all processes."""
         batch_sum = torch.stack([logits.sum(0, dtype=self.center.dtype) for logits in teacher_logits]).sum(0)
-        utils.all_reduce_sum(batch_sum)
+        self._sum_over_processes(batch_sum)
         count = sum(len(logits) for logits in teacher_logits) * utils.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
 
@@ -563,9 +612,20 @@ class PatchWiseDINOLoss(nn.Module):
         """``update_center`` from embeddings ``[S, T_g, d]``: the last layer is linear, so the logits' mean
         is ``mean(z) W^T``; only ``[T_g, d]`` is summed over processes instead of ``[T_g, K]``."""
         batch_sum = teacher_z.sum(0, dtype=self.center.dtype)
-        utils.all_reduce_sum(batch_sum)
+        self._sum_over_processes(batch_sum)
         mean_logits = batch_sum / (len(teacher_z) * utils.get_world_size()) @ teacher_weight.to(self.center.dtype).T
         self.center.mul_(self.center_momentum).add_(mean_logits, alpha=1 - self.center_momentum)
+
+    def _sum_over_processes(self, batch_sum: torch.Tensor) -> None:
+        """All-reduce ``batch_sum`` in place. ``piggyback``, when set, rides in the same collective and is
+        replaced by its sum: values the trainer needs summed over processes at every step (a vote to stop)
+        then cost no collective of their own."""
+        if self.piggyback is None or not utils.is_distributed():
+            utils.all_reduce_sum(batch_sum)
+            return
+        packed = utils.all_reduce_sum(torch.cat([batch_sum.flatten(), self.piggyback.to(batch_sum.dtype)]))
+        batch_sum.copy_(packed[:batch_sum.numel()].view_as(batch_sum))
+        self.piggyback = packed[batch_sum.numel():]
 
     def _check_positions(self, tokens: int, out_dim: int) -> None:
         if (tokens, out_dim) != self.center.shape:
@@ -685,6 +745,16 @@ class Schedules:
                 group["weight_decay"] = float(self.wd[iteration])
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped on a signal after writing checkpoint.pth; the command line exits with
+    ``STOPPED_EXIT_STATUS``."""
+
+    def __init__(self, signal_name: str | None, point: ResumePoint, output_dir: Path):
+        super().__init__(f"stopped on {signal_name or 'a signal received by another process'}: "
+                         f"{output_dir / 'checkpoint.pth'} is saved to continue at epoch {point.epoch}, iteration "
+                         f"{point.iteration} (the next step); rerun the same command to continue exactly")
+
+
 @dataclass
 class ResumePoint:
     """Where training continues: iteration ``iteration`` of epoch ``epoch`` (0: the epoch's start), with
@@ -706,15 +776,19 @@ class Trainer:
         self.run_facts = run_facts  # what else, besides the arguments, an exact resume needs unchanged
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
         self.device_photometric = DevicePhotometric(args.local_crops_number) if args.gpu_augment else None
+        self.stop_signals = utils.StopSignals()  # main installs it around the training loop
+        self.stop_agreed = False  # under torchrun: a process had received a stop signal by the last step
+        self.resumed_from: str | None = None  # the --resume_from file this run started from (kept in checkpoints)
 
     def step(self, images: list[torch.Tensor], geometry: torch.Tensor, epoch: int, iteration: int,
              iteration_in_epoch: int) -> dict[str, float]:
         """One optimisation step on a batch: views ``V x [B, 3, S, S]``, geometry ``[B, V, 6]``.
 
         The step's own random draws (drop-path) are seeded from (seed, epoch, rank, iteration), so a
-        resumed run repeats them exactly.
+        resumed run repeats them exactly. Afterwards ``stop_due`` says whether training should stop.
         """
         torch.manual_seed(utils.derived_seed(self.args.seed, epoch, utils.get_rank(), STEP_SEED, iteration_in_epoch))
+        self._vote_to_stop()
         self.schedules.apply(self.optimizer, iteration)
         images = self._prepare_views(images)
         matches = compute_matches(geometry.to(self.device, non_blocking=True), self.args.patch_size,
@@ -725,6 +799,8 @@ class Trainer:
             loss, stats = self._reference_loss(images, matches, epoch)
         stats = {name: value.item() for name, value in stats.items()}
         loss_value = loss.item()
+        if utils.is_distributed():  # the votes came with the loss: reading them now costs no extra wait
+            self.stop_agreed = self.loss_fn.piggyback.item() > 0
         if not math.isfinite(loss_value):
             self._stop_on_non_finite(loss_value, stats, epoch, iteration_in_epoch)
         self._optimise(loss, epoch)
@@ -734,6 +810,20 @@ class Trainer:
         return {"loss": loss_value, **stats, "lr": self.optimizer.param_groups[0]["lr"],
                 "wd": self.optimizer.param_groups[0]["weight_decay"],
                 "teacher_temp": float(self.loss_fn.teacher_temps[epoch])}
+
+    def _vote_to_stop(self) -> None:
+        """Under torchrun, this process's vote (has it received a stop signal?) rides on the loss's center
+        all-reduce: a signal may reach only some processes, and all must stop after the same step."""
+        if utils.is_distributed():
+            received = float(self.stop_signals.received is not None)
+            self.loss_fn.piggyback = torch.full((1,), received, device=self.device)
+
+    def stop_due(self) -> bool:
+        """After a step, whether to stop: under torchrun, whether any process had voted to by that step (so
+        that all agree); in a single process, whether a stop signal has arrived."""
+        if utils.is_distributed():
+            return self.stop_agreed
+        return self.stop_signals.received is not None
 
     def _prepare_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """The loader's uint8 views, on the device: photometrically augmented (``--gpu_augment``), normalised."""
@@ -791,7 +881,7 @@ class Trainer:
     def train_one_epoch(self, loader: DataLoader, epoch: int, start: ResumePoint) -> dict[str, float]:
         """Run ``epoch`` from iteration ``start.iteration`` (the loader must start there too), writing
         checkpoint.pth every ``--save_every_iters``; returns the epoch's mean statistics and its total
-        ``skipped_images``."""
+        ``skipped_images``. A stop signal before the epoch's last step saves and raises ``TrainingStopped``."""
         logger = utils.MetricLogger()
         logger.add_totals(start.metrics)
         header = f"Epoch: [{epoch}/{self.args.epochs}]"
@@ -799,6 +889,8 @@ class Trainer:
         for index, (images, geometry, replaced) in enumerate(batches, start=start.iteration):
             iteration = epoch * self.schedules.iters_per_epoch + index
             logger.update(**self.step(images, geometry, epoch, iteration, index), skipped_images=replaced.sum().item())
+            if self.stop_due() and index + 1 < self.schedules.iters_per_epoch:  # at the last, the epoch ends first
+                self.stop(ResumePoint(epoch, index + 1, logger.global_totals()))
             if self.mid_epoch_save_due(iteration, index):
                 save_checkpoint(self, ResumePoint(epoch, index + 1, logger.global_totals()))
         logger.synchronize_between_processes()
@@ -808,6 +900,19 @@ class Trainer:
         if stats["skipped_images"]:
             print(f"warning: {stats['skipped_images']} unreadable image(s) skipped in epoch {epoch} (paths above)")
         return stats
+
+    def stop(self, point: ResumePoint) -> None:
+        """Every process: write checkpoint.pth (rank 0) so that a restart continues at ``point``, then raise
+        ``TrainingStopped``."""
+        save_checkpoint(self, point)
+        raise self.stopped(point)
+
+    def stopped(self, point: ResumePoint) -> TrainingStopped:
+        """The error that ends training stopped by a signal at ``point``, printed by rank 0 now: stop signals
+        are still caught, so that torchrun's SIGTERM, sent once another process has exited, cannot cut it off."""
+        stopped = TrainingStopped(self.stop_signals.received, point, Path(self.args.output_dir))
+        print(stopped, flush=True)
+        return stopped
 
     def mid_epoch_save_due(self, iteration: int, iteration_in_epoch: int) -> bool:
         """Whether ``--save_every_iters`` asks for a checkpoint after this iteration (epoch ends save anyway)."""
@@ -829,11 +934,12 @@ RESUME_CRITICAL_ARGS = (
 
 def checkpoint_state(trainer: Trainer, point: ResumePoint) -> dict:
     """DINO's checkpoint layout (student, teacher, optimizer, epoch, args, dino_loss) plus ``iteration``,
-    ``epoch_metrics`` and ``run`` (image and process counts): ``epoch``/``iteration`` is the next step."""
+    ``epoch_metrics``, ``run`` (image and process counts) and ``resumed_from`` (the ``--resume_from`` file
+    the run started from, or None): ``epoch``/``iteration`` is the next step."""
     state = {"student": trainer.student.state_dict(), "teacher": trainer.teacher.state_dict(),
              "optimizer": trainer.optimizer.state_dict(), "epoch": point.epoch, "iteration": point.iteration,
              "epoch_metrics": point.metrics, "args": vars(trainer.args), "run": trainer.run_facts,
-             "dino_loss": trainer.loss_fn.state_dict()}
+             "dino_loss": trainer.loss_fn.state_dict(), "resumed_from": trainer.resumed_from}
     if trainer.scaler is not None:
         state["fp16_scaler"] = trainer.scaler.state_dict()
     return state
@@ -862,18 +968,22 @@ def save_checkpoint(trainer: Trainer, point: ResumePoint, also: tuple[Path, ...]
     print(f"Saved {path}: next epoch {point.epoch}, iteration {point.iteration}", flush=True)
 
 
-def restore_checkpoint(path: Path, trainer: Trainer) -> ResumePoint:
-    """Load a training checkpoint into the trainer and return where to continue (the start without one).
+def restore_checkpoint(output_dir: Path, trainer: Trainer) -> ResumePoint:
+    """Load the checkpoint to continue from (``resume_checkpoint``) into the trainer and return where to
+    continue (the start without one).
 
-    A file that is not a complete training checkpoint, or one written with other result-deciding
-    settings (unless ``--allow_args_change``), stops with an error: never a silent fresh start.
+    A file that is not a complete training checkpoint, holds non-finite values, or was written with other
+    result-deciding settings (unless ``--allow_args_change``) stops with an error: never a silent fresh start.
     """
-    if not path.exists():
+    path, checkpoint = resume_checkpoint(output_dir, trainer.args.resume_from)
+    if checkpoint is None:
         return ResumePoint()
-    checkpoint = utils.load_checkpoint(path)
     utils.require_keys(checkpoint, ("student", "teacher", "optimizer", "epoch", "dino_loss"), path,
                        "PW-Self training checkpoint", "move it away or choose another --output_dir")
+    check_finite_checkpoint(checkpoint, path)
     check_resume_args(checkpoint, trainer, path)
+    trainer.resumed_from = (checkpoint.get("resumed_from") if path == output_dir / "checkpoint.pth"
+                            else str(path.resolve()))
     utils.load_state_strict(trainer.student_module, utils.strip_prefixes(checkpoint["student"]), "student", path)
     utils.load_state_strict(trainer.teacher, utils.strip_prefixes(checkpoint["teacher"]), "teacher", path)
     utils.load_state_strict(trainer.loss_fn, checkpoint["dino_loss"], "loss state (center)", path)
@@ -884,6 +994,67 @@ def restore_checkpoint(path: Path, trainer: Trainer) -> ResumePoint:
                         checkpoint.get("epoch_metrics", {}) if utils.is_main_process() else {})
     print(f"Resumed from {path}: next epoch {point.epoch}, iteration {point.iteration}", flush=True)
     return point
+
+
+def resume_checkpoint(output_dir: Path, resume_from: str | None) -> tuple[Path, dict | None]:
+    """The checkpoint a run continues from, and its contents: ``<output_dir>/checkpoint.pth`` (the commit
+    point) when it exists, else ``--resume_from``, else none: a fresh start, refused where an earlier
+    run's history would be overwritten (``refuse_fresh_start_over_history``)."""
+    committed = output_dir / "checkpoint.pth"
+    if committed.exists():
+        checkpoint = utils.load_checkpoint(committed)
+        if resume_from is not None:
+            check_resume_from_agrees(committed, checkpoint, Path(resume_from))
+        return committed, checkpoint
+    if resume_from is not None:
+        return Path(resume_from), utils.load_checkpoint(resume_from)
+    refuse_fresh_start_over_history(output_dir)
+    return committed, None
+
+
+def check_resume_from_agrees(committed: Path, checkpoint: dict, resume_from: Path) -> None:
+    """Accept ``--resume_from`` beside an existing checkpoint.pth only when it names that file, or when
+    checkpoint.pth was written by a run that resumed from it (the same command rerun, e.g. a requeued job)."""
+    source = str(resume_from.resolve())
+    if source == str(committed.resolve()):
+        return
+    if checkpoint.get("resumed_from") == source:
+        print(f"Continuing from {committed}, written by this run after it resumed from {resume_from} "
+              "(--resume_from only decides the first start)", flush=True)
+        return
+    raise FileExistsError(f"--resume_from {resume_from} was given, but {committed} exists too and was not written "
+                          f"by a run resumed from that file; nothing was changed. To continue the run in "
+                          f"{committed.parent}, drop --resume_from; to continue from {resume_from} instead, move "
+                          f"{committed} away (the log lines after {resume_from.name} are then redone).")
+
+
+def refuse_fresh_start_over_history(output_dir: Path) -> None:
+    """Refuse to start afresh in a folder holding an earlier run's log lines or periodic checkpoints but no
+    checkpoint.pth (moved or deleted?): starting afresh would overwrite that history."""
+    log = output_dir / "log.txt"
+    lines = len(log.read_text().splitlines()) if log.is_file() else 0
+    numbered = (re.fullmatch(r"checkpoint(\d+)\.pth", path.name) for path in output_dir.glob("checkpoint*.pth"))
+    periodic = [output_dir / match[0] for match in sorted(filter(None, numbered), key=lambda match: int(match[1]))]
+    if not (lines or periodic):
+        return
+    found = ([f"{log.name} with {lines} line(s)"] if lines else []) + (
+        [f"{len(periodic)} periodic checkpoint(s)"] if periodic else [])
+    fix = (f"To continue from the newest periodic checkpoint, rerun with --resume_from {periodic[-1]}: exactly as "
+           "the run went on from there (later log lines are redone)" if periodic else "No checkpoint is left")
+    raise FileExistsError(f"{output_dir} holds {' and '.join(found)} of an earlier run but no checkpoint.pth (moved "
+                          "or deleted?); starting afresh would overwrite them, so nothing was changed. "
+                          f"{fix}. To start afresh, choose another --output_dir or move those files away.")
+
+
+def check_finite_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Refuse a checkpoint holding NaN or infinity: training from it would fail later, blaming --lr."""
+    for part in ("student", "teacher", "dino_loss"):
+        name = utils.first_non_finite(checkpoint[part])
+        if name is not None:
+            raise ValueError(f"{path} holds non-finite values (NaN or infinity), first in the {part}'s tensor "
+                             f"{name}: it comes from a diverged run or is corrupt, and cannot be resumed. Move it "
+                             "away and continue from an earlier checkpoint (--resume_from checkpointNNNN.pth), "
+                             "e.g. with a lower --lr and --allow_args_change.")
 
 
 def resume_differences(checkpoint: dict, args: argparse.Namespace, run_facts: dict[str, int]) -> list[str]:
@@ -909,26 +1080,26 @@ def check_resume_args(checkpoint: dict, trainer: Trainer, path: Path) -> None:
         raise ValueError(f"{path} was written by a run with other settings that decide the result:\n  {listing}\n"
                          "Rerun with the checkpoint's values, choose another --output_dir to start afresh, or pass "
                          "--allow_args_change to continue anyway (then not an exact continuation).")
+    refuse_optimizer_changes(checkpoint.get("args", {}), trainer.args, path)
     print(f"warning: resuming {path} with changed settings (--allow_args_change):\n  {listing}", flush=True)
 
 
-def trim_log(log_path: Path, next_epoch: int) -> None:
-    """Drop log lines of epochs >= ``next_epoch`` (and torn lines): they come from a run that died
-    after logging an epoch but before its checkpoint, and the epoch is about to be redone."""
-    if not log_path.exists():
-        return
-    lines = log_path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _logged_epoch(line) < next_epoch]
-    if len(kept) < len(lines):
-        utils.write_text_atomic("".join(kept), log_path)
-        print(f"Dropped {len(lines) - len(kept)} line(s) of {log_path} that the checkpoint does not cover")
+# Arguments that change the optimizer's parameter groups or the kind of state it keeps.
+OPTIMIZER_SHAPING_ARGS = {
+    "norm_last_layer": "it decides whether the scale of the head's last layer is trained, which changes the "
+                       "optimizer's parameter groups",
+    "optimizer": "another optimizer keeps other state",
+}
 
 
-def _logged_epoch(line: str) -> float:
-    try:
-        return json.loads(line)["epoch"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # torn by a kill mid-write
+def refuse_optimizer_changes(saved_args: dict, args: argparse.Namespace, path: Path) -> None:
+    """Even under ``--allow_args_change``, refuse changes that make the checkpoint's optimizer state unusable."""
+    for name, reason in OPTIMIZER_SHAPING_ARGS.items():
+        if name in saved_args and saved_args[name] != getattr(args, name):
+            raise ValueError(f"--{name} cannot change on resume, even with --allow_args_change (checkpoint "
+                             f"{saved_args[name]}, now {getattr(args, name)}): {reason}, so the optimizer state in "
+                             f"{path} cannot be carried over. Resume with --{name} {saved_args[name]}, or start "
+                             "afresh in another --output_dir.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -946,7 +1117,7 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     dataset = TrainingImages(utils.list_image_files(args.data_path), augmentation, args.strict_images)
     loader = DataLoader(dataset, sampler=ResumableSampler(dataset, args.seed), batch_size=args.batch_size_per_gpu,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
-                        collate_fn=collate_multicrop)
+                        collate_fn=collate_multicrop, worker_init_fn=utils.ignore_stop_signals)
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} images give no full batch of {args.batch_size_per_gpu} per process "
                          f"over {utils.get_world_size()} process(es); lower --batch_size_per_gpu")
@@ -988,44 +1159,75 @@ def write_epoch_outputs(trainer: Trainer, output_dir: Path, epoch: int, train_st
     save_checkpoint(trainer, ResumePoint(epoch + 1), also=(output_dir / f"checkpoint{epoch:04}.pth",) if keep else ())
 
 
-def prepare_output_dir(output_dir: Path) -> None:
-    """Rank 0: create ``output_dir`` and clear temporaries left by a process killed while saving."""
-    if not utils.is_main_process():
-        return
+def claim_output_dir(output_dir: Path, held: contextlib.ExitStack) -> None:
+    """Rank 0: create ``output_dir`` and take its lock until ``held`` closes (a live run there is refused,
+    named), then clear temporaries left by processes killed while saving: only the lock's holder knows that
+    none of them is another live run's checkpoint in flight."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    held.enter_context(utils.folder_lock(output_dir))
     for stale in utils.remove_stale_temporaries(output_dir):
         print(f"Removed {stale}, left by a process killed while writing it", flush=True)
 
 
-def main(args: argparse.Namespace) -> Trainer:
-    """Train (or resume) and return the trainer holding the final student and teacher."""
-    validate_args(args)
-    device = utils.resolve_device(args.device)
-    utils.init_distributed(device)
-    output_dir = Path(args.output_dir)
-    prepare_output_dir(output_dir)
-    print("\n".join(f"{name}: {value}" for name, value in sorted(vars(args).items())), flush=True)
-
-    loader = build_loader(args)
-    trainer = build_trainer(args, device, loader)
-    resume = restore_checkpoint(output_dir / "checkpoint.pth", trainer)
+def start_or_resume(output_dir: Path, trainer: Trainer) -> ResumePoint:
+    """Restore the checkpoint to continue from; then, on rank 0, write args.json, write checkpoint.pth at
+    once when there is none (a fresh start or ``--resume_from``: log lines then never exist without it),
+    and drop the log lines it does not cover."""
+    resume = restore_checkpoint(output_dir, trainer)
     if utils.is_main_process():
-        utils.write_text_atomic(json.dumps(vars(args), indent=2) + "\n", output_dir / "args.json")
-        trim_log(output_dir / "log.txt", resume.epoch)
-    if resume.epoch >= args.epochs:
-        print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {resume.epoch} "
-              f"of {args.epochs}.")
-        return trainer
+        utils.write_text_atomic(json.dumps(vars(trainer.args), indent=2) + "\n", output_dir / "args.json")
+        if not (output_dir / "checkpoint.pth").exists():
+            save_checkpoint(trainer, resume)
+        utils.trim_epoch_log(output_dir / "log.txt", resume.epoch)
+    return resume
 
-    start_time = time.time()
+
+def train(trainer: Trainer, loader: DataLoader, output_dir: Path, resume: ResumePoint) -> None:
+    """The epochs from ``resume`` on. A stop signal ends them after the current step, with checkpoint.pth
+    written, by raising ``TrainingStopped``."""
+    args, start_time = trainer.args, time.time()
     for epoch in range(resume.epoch, args.epochs):
         start = resume if epoch == resume.epoch else ResumePoint(epoch)
         loader.sampler.set_epoch(epoch, start.iteration * args.batch_size_per_gpu)
         train_stats = trainer.train_one_epoch(loader, epoch, start)
         write_epoch_outputs(trainer, output_dir, epoch, train_stats)
+        if trainer.stop_due() and epoch + 1 < args.epochs:  # the signal came in the epoch's last step
+            raise trainer.stopped(ResumePoint(epoch + 1))
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}", flush=True)
+
+
+def main(args: argparse.Namespace) -> Trainer:
+    """Train (or resume) and return the trainer holding the final student and teacher.
+
+    Rank 0 holds the output folder's lock throughout. A stop signal (SIGTERM, SIGUSR1, Ctrl-C) ends
+    training after the current step, with checkpoint.pth written, by raising ``TrainingStopped``.
+    """
+    validate_args(args)
+    device = utils.resolve_device(args.device)
+    utils.init_distributed(device)
+    output_dir = Path(args.output_dir)
+    with contextlib.ExitStack() as held:
+        utils.run_on_main_process(lambda: claim_output_dir(output_dir, held))
+        print("\n".join(f"{name}: {value}" for name, value in sorted(vars(args).items())), flush=True)
+        loader = build_loader(args)
+        trainer = build_trainer(args, device, loader)
+        resume = start_or_resume(output_dir, trainer)
+        if resume.epoch >= args.epochs:
+            print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {resume.epoch} "
+                  f"of {args.epochs}.")
+            return trainer
+        with trainer.stop_signals:
+            train(trainer, loader, output_dir, resume)
     return trainer
 
 
+def run_from_command_line(args: argparse.Namespace) -> Trainer:
+    """``main`` for the command line: training stopped by a signal exits with ``STOPPED_EXIT_STATUS``."""
+    try:
+        return main(args)
+    except TrainingStopped:  # already explained by rank 0
+        sys.exit(STOPPED_EXIT_STATUS)
+
+
 if __name__ == "__main__":
-    utils.run_script(main, get_args_parser())
+    utils.run_script(run_from_command_line, get_args_parser())

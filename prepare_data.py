@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import pickle
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,8 @@ SPLITS = ("train", "holdout", "val")
 MARKER = ".prepare_data.json"  # records what wrote the folder, so that a rerun may replace it
 CIFAR_ARCHIVES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
                   "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python")}
+# What gzip, tarfile and zlib raise on a truncated or foreign file.
+DAMAGED_FILE_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,17 +65,40 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 # Readers: each returns {split: (images [N, H, W] or [N, H, W, 3] uint8, labels [N])} and class names.
 # ----------------------------------------------------------------------------------------------
+def damaged_source(path: Path | str, problem: str) -> ValueError:
+    """The error for a source file that cannot be read as what it should be, with the fix."""
+    return ValueError(f"{path} {problem}: the file is truncated or corrupt (an interrupted download?) or not "
+                      "the expected file; download it again, or point --source at an intact copy")
+
+
+def read_gzip(path: Path) -> bytes:
+    """The decompressed contents of a Fashion-MNIST file, or an error naming the file and the fix."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: --source {path.parent} must hold the four Fashion-MNIST "
+                                "files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                                "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz") from None
+    except DAMAGED_FILE_ERRORS as error:
+        raise damaged_source(path, f"is not a complete gzip file ({type(error).__name__}: {error})") from error
+
+
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     """An IDX file (gzip-compressed): 2051 for images ``[N, rows, cols]``, 2049 for labels ``[N]``."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
+    data = read_gzip(path)
+    header = 16 if expected_magic == 2051 else 8
+    if len(data) < header:
+        raise damaged_source(path, f"holds {len(data)} bytes, fewer than an IDX header")
     magic, count = np.frombuffer(data[:8], dtype=">i4")
     if magic != expected_magic:
         raise ValueError(f"{path} is not an IDX file of the expected kind (magic {magic}, expected {expected_magic})")
-    if magic == 2051:
-        rows, cols = np.frombuffer(data[8:16], dtype=">i4")
-        return np.frombuffer(data[16:], dtype=np.uint8).reshape(count, rows, cols)
-    return np.frombuffer(data[8:], dtype=np.uint8)[:count]
+    shape = (int(count), *map(int, np.frombuffer(data[8:header], dtype=">i4")))
+    size = math.prod(shape)
+    if min(shape) < 0 or len(data) < header + size:
+        raise damaged_source(path, f"holds {len(data) - header} bytes of data where its header announces "
+                                   f"{' x '.join(map(str, shape))}")
+    return np.frombuffer(data[header:header + size], dtype=np.uint8).reshape(shape)
 
 
 def read_fashion_mnist(source: Path):
@@ -103,13 +130,43 @@ def _archive_loader(source: Path, folder_name: str):
     """A function ``member name -> unpickled dict`` reading from a tar.gz archive or a folder."""
     if source.is_dir():
         folder = source / folder_name if (source / folder_name).is_dir() else source
-        return lambda name: _unpickle((folder / name).read_bytes())
-    archive = tarfile.open(source, "r:gz")
-    return lambda name: _unpickle(archive.extractfile(f"{folder_name}/{name}").read())
+        return lambda name: _unpickle(_read_extracted(folder / name), folder / name)
+    try:
+        archive = tarfile.open(source, "r:gz")
+    except DAMAGED_FILE_ERRORS as error:
+        raise damaged_source(source, f"is not a .tar.gz archive ({type(error).__name__}: {error})") from error
+    return lambda name: _unpickle(_read_member(archive, source, f"{folder_name}/{name}"), f"{source}:{name}")
 
 
-def _unpickle(data: bytes) -> dict:
-    return pickle.loads(data, encoding="bytes")
+def _read_extracted(path: Path) -> bytes:
+    """A file of an extracted CIFAR folder, or an error naming the missing file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the extracted CIFAR folder is incomplete; point --source at "
+                                "the complete folder or at the .tar.gz archive")
+    return path.read_bytes()
+
+
+def _read_member(archive: tarfile.TarFile, source: Path, member: str) -> bytes:
+    """A member of a CIFAR archive, or an error naming the archive, the problem and the fix."""
+    try:
+        return archive.extractfile(member).read()
+    except KeyError:
+        raise damaged_source(source, f"has no {member} (an archive cut short, or the archive of another "
+                                     "--dataset?)") from None
+    except DAMAGED_FILE_ERRORS as error:
+        raise damaged_source(source, f"cannot be read to the end of {member} ({type(error).__name__}: "
+                                     f"{error})") from error
+
+
+def _unpickle(data: bytes, where: Path | str) -> dict:
+    """A CIFAR batch (a pickled dict), or an error naming where the bytes came from."""
+    try:
+        batch = pickle.loads(data, encoding="bytes")
+    except Exception as error:  # unpickling damaged bytes raises many kinds
+        raise damaged_source(where, f"is not a CIFAR python batch ({type(error).__name__}: {error})") from error
+    if not isinstance(batch, dict):
+        raise damaged_source(where, f"holds a {type(batch).__name__}, not a CIFAR python batch")
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------

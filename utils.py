@@ -5,9 +5,14 @@ import argparse
 import builtins
 import contextlib
 import datetime
+import fcntl
 import json
 import os
+import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -19,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,22 +87,165 @@ def run_script(main: Callable[[argparse.Namespace], object], parser: argparse.Ar
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def is_image_path(path: str) -> bool:
+    """True for a file name with an image extension (``IMAGE_EXTENSIONS``, case-insensitive)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_folder(folder: str | Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` sorted by name, hidden ones (name starting with '.') left out.
+
+    Hidden entries are editor, notebook and OS clutter (``.ipynb_checkpoints``, ``.DS_Store``), never data.
+    An unreadable folder raises an error naming it: silently skipping it would drop its images.
+    """
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((entry for entry in entries if not entry.name.startswith(".")), key=lambda e: e.name)
+    except OSError as error:
+        fix = (f"; make it readable (e.g. chmod -R u+rX {folder}) or move it out of the data folder"
+               if isinstance(error, PermissionError) else "")
+        raise type(error)(f"cannot read folder {folder}: {error.strerror or error}{fix}") from error
+
+
+class FolderWalk:
+    """Lists the image files under folders, each real folder and file once, and warns about the rest.
+
+    Directory symlinks are followed (a class folder may link to data elsewhere), except into a folder
+    already listed or into the root or one of its parents: that would loop or read images twice. File
+    symlinks to an image already listed are skipped too. ``warn`` reports every skipped path on stderr.
+    """
+
+    def __init__(self, root: str | Path, listed: Iterable[str | Path] = ()):
+        self.given_root, self.root = str(root), os.path.realpath(root)
+        self.seen_folders = {self.root, *(os.path.realpath(folder) for folder in listed)}
+        self.seen_files: set[str] = set()
+        self.skipped: list[str] = []
+
+    def enter(self, folder: str) -> bool:
+        """Whether to list ``folder``: a folder not seen before that does not hold the root."""
+        real = os.path.realpath(folder)
+        if real in self.seen_folders or self.root.startswith(real.rstrip(os.sep) + os.sep):
+            self.skipped.append(folder)
+            return False
+        self.seen_folders.add(real)
+        return True
+
+    def files(self, folder: str, is_valid: Callable[[str], bool] = is_image_path,
+              recursive: bool = True) -> list[str]:
+        """The valid files in ``folder`` (and its sub-folders), ordered as ``sorted(os.walk(folder))`` would."""
+        unique = []
+        for _, path, real in sorted(self._collect(folder, os.path.realpath(folder), is_valid, recursive)):
+            if real in self.seen_files:
+                self.skipped.append(path)
+            else:
+                self.seen_files.add(real)
+                unique.append(path)
+        return unique
+
+    def _collect(self, folder: str, real_folder: str, is_valid: Callable[[str], bool],
+                 recursive: bool) -> list[tuple[str, str, str]]:
+        """``(folder, path, real path)`` of every valid file; the folder leads the key to sort like ``os.walk``."""
+        found = []
+        for entry in scan_folder(folder):
+            if entry.is_dir():
+                if recursive and self.enter(entry.path):
+                    found += self._collect(entry.path, os.path.realpath(entry.path), is_valid, recursive)
+            elif entry.is_file() and is_valid(entry.path):
+                # Only a file symlink can repeat a file (each real folder is listed once): resolve just those,
+                # which keeps listing a million images fast.
+                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_folder, entry.name)
+                found.append((folder, entry.path, real))
+        return found
+
+    def warn(self) -> None:
+        """One ``warning:`` line on stderr naming what was skipped, if anything."""
+        if self.skipped:
+            shown = 10
+            examples = ", ".join(os.path.relpath(path, self.given_root) for path in self.skipped[:shown])
+            more = f" and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+            sys.stderr.write(f"warning: skipped {len(self.skipped)} path(s) under {self.given_root} that lead to "
+                             f"folders or images already listed (symlink loops or duplicate links): "
+                             f"{examples}{more}\n")
+
+
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder`` (by extension, case-insensitive), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files directly inside ``folder`` (by extension, case-insensitive; hidden files ignored), sorted
+    by name, each real file once."""
+    walk = FolderWalk(folder)
+    files = walk.files(str(folder), recursive=False)
+    walk.warn()
+    return [Path(path) for path in files]
+
+
+def find_class_folders(root: str | Path, warn: bool = True) -> list[str]:
+    """The names of the class folders of an ImageFolder at ``root``: its visible sub-folders, sorted, less
+    those that lead back to the root or to a class folder already listed (see ``FolderWalk``)."""
+    walk = FolderWalk(root)
+    names = [entry.name for entry in scan_folder(root) if entry.is_dir() and walk.enter(entry.path)]
+    if warn:
+        walk.warn()
+    return names
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ``ImageFolder`` with the project's listing rule, used wherever class folders are read.
+
+    Hidden files and folders are ignored; symlinks are followed without loops or repeats (``FolderWalk``);
+    an unreadable folder is an error naming it; image files directly in the root beside class folders with
+    images are an error (the two layouts mixed), rather than silently left out.
+    """
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        """``find_class_folders``, numbered in order; no class folder at all is an error."""
+        classes = find_class_folders(directory)
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}: expected {directory}/<class>/<images>")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory: str | Path, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """``(path, class index)`` of every image, in torchvision's order, listed by ``FolderWalk``."""
+        is_valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions or IMAGE_EXTENSIONS))
+        folders = {name: os.path.join(directory, name) for name in sorted(class_to_idx)}
+        walk = FolderWalk(directory, folders.values())  # a link from one class into another is a repeat
+        samples, empty = [], []
+        for name, folder in folders.items():
+            files = walk.files(folder, is_valid)
+            samples += [(path, class_to_idx[name]) for path in files]
+            empty += [] if files else [name]
+        walk.warn()
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"no image files in the class folder(s) {', '.join(empty)} of {directory} "
+                                    f"(image extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        check_single_layout(directory, samples, len(class_to_idx) - len(empty))
+        return samples
+
+
+def check_single_layout(root: str | Path, samples: list[tuple[str, int]], classes_with_images: int) -> None:
+    """Refuse image files directly in ``root`` beside class folders holding images: one layout would be dropped."""
+    loose = list_images(root)
+    if loose and samples:
+        raise ValueError(
+            f"{root} mixes two layouts: {len(loose)} image file(s) directly inside it (e.g. "
+            f"{', '.join(p.name for p in loose[:3])}) and {len(samples)} image(s) in {classes_with_images} "
+            f"class sub-folder(s) (e.g. {Path(samples[0][0]).parent.name}/). Move the loose images into a class "
+            "folder, or the sub-folders out, so that one layout remains (names starting with '.' are ignored)")
 
 
 def list_image_files(data_path: str | Path) -> list[Path]:
     """The image files of an ImageFolder (class sub-folders) or, failing that, directly inside ``data_path``.
 
-    Files are recognised by extension (``IMAGE_EXTENSIONS``); anything else is ignored.
+    Files are recognised by extension (``IMAGE_EXTENSIONS``); anything else, and any hidden file or folder,
+    is ignored. The listing rule is ``ImageFolderDataset``'s: no loops, no repeats, loud on unreadable
+    folders and on the two layouts mixed.
     """
     root = Path(data_path)
-    if any(child.is_dir() for child in root.iterdir()):
-        files = [Path(path) for path, _ in ImageFolder(str(root), allow_empty=True).samples]
-        if files:
-            return files
-    files = list_images(root)
+    files = []
+    if find_class_folders(root, warn=False):  # the dataset warns
+        files = [Path(path) for path, _ in ImageFolderDataset(str(root), allow_empty=True).samples]
+    files = files or list_images(root)
     if not files:
         raise ValueError(f"no images found in {root}: expected class sub-folders of images (ImageFolder "
                          f"layout) or image files ({', '.join(IMAGE_EXTENSIONS)}) directly inside it")
@@ -110,8 +259,8 @@ class UnreadableImageError(ValueError):
 def read_rgb_image(path: str | Path) -> Image.Image:
     """Decode an image file fully and return it as 8-bit RGB, or raise ``UnreadableImageError`` naming it.
 
-    Grayscale, RGBA, palette and CMYK images are converted; 16-bit images are scaled to 8 bits
-    (a plain PIL ``convert`` would clip them to white).
+    Grayscale, RGBA, palette and CMYK images are converted; 16-bit, 32-bit integer and 32-bit float
+    images are scaled to 8 bits by ``to_rgb``'s rule (a plain PIL ``convert`` would clip them).
     """
     try:
         with Image.open(path) as image:
@@ -122,13 +271,33 @@ def read_rgb_image(path: str | Path) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode (``I;16*`` and ``I`` are taken as 16-bit and scaled by 255 / 65535)."""
-    if image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
-        image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    """8-bit RGB from any PIL mode. Grayscale deeper than 8 bits is scaled, never clipped:
+
+    * integers (``I;16*``, ``I``): values within [0, 65535] are taken as 16-bit and scaled by 255 / 65535
+      (16-bit PNGs and TIFFs open as ``I;16`` or ``I``); a 32-bit image with values outside that range has
+      its own [min, max] stretched to [0, 255];
+    * floats (``F``): values within [0, 1] are scaled by 255; otherwise [min, max] is stretched to [0, 255].
+
+    NaNs and infinities count as 0; a constant image outside those ranges becomes black.
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        image = Image.fromarray(_deep_grayscale_to_8_bits(image))
     if image.mode == "P":
         image = image.convert("RGBA")  # palettes with transparency convert cleanly only through RGBA
     return image.convert("RGB")
+
+
+def _deep_grayscale_to_8_bits(image: Image.Image) -> np.ndarray:
+    """``uint8`` pixels of an ``I*`` or ``F`` image, by ``to_rgb``'s rule."""
+    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.where(np.isfinite(pixels), pixels, 0.0)
+    full_scale = 1.0 if image.mode == "F" else 65535.0
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if 0 <= low and high <= full_scale:
+        scaled = pixels * (255.0 / full_scale)
+    else:
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+    return scaled.round().clip(0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +385,26 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def collective_device() -> torch.device:
     """Where tensors for collectives must live: the GPU under nccl, else the CPU."""
     return torch.device("cuda") if is_distributed() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def run_on_main_process(action: Callable[[], object]) -> None:
+    """Run ``action`` on rank 0 only. If it raises, every process raises (rank 0 the error itself, the others
+    one pointing to it) rather than waiting at its next collective for a rank 0 that has stopped.
+
+    One collective when distributed; none in a single process.
+    """
+    error = None
+    if is_main_process():
+        try:
+            action()
+        except Exception as caught:
+            error = caught
+    if is_distributed():
+        failed = all_reduce_sum(torch.tensor([float(error is not None)], device=collective_device()))
+        if failed.item() and error is None:
+            raise RuntimeError("rank 0 stopped at the start (its error is printed above); this process stops too")
+    if error is not None:
+        raise error
 
 
 def derived_seed(seed: int, *parts: int) -> int:
@@ -354,7 +543,7 @@ def save_atomic(state: dict, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically: a crash at any moment leaves the previous file or the new one.
 
     A killed process may leave its temporary behind (``remove_stale_temporaries`` clears it). A failed
-    write (a full disk, say) removes the temporary and raises an ``OSError`` that names the file.
+    write removes the temporary and raises an ``OSError`` that names the file (see ``write_atomic``).
     """
     write_atomic(path, lambda handle: torch.save(state, handle))
 
@@ -365,7 +554,11 @@ def write_text_atomic(text: str, path: str | Path) -> None:
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """``write`` a hidden temporary beside ``path``, flush it to disk, then rename it over ``path``."""
+    """``write`` a hidden temporary beside ``path``, flush it to disk, then rename it over ``path``.
+
+    Any failed write (``OSError``, or the ``RuntimeError`` torch's writer raises on a full disk) removes the
+    temporary and raises an ``OSError`` naming ``path`` and saying that the previous file is intact.
+    """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
@@ -374,35 +567,78 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write (a full disk) as RuntimeError
         raise OSError(f"could not write {path}: {error}. The previous {path.name} (if any) is intact; free disk "
-                      "space or fix the folder, then rerun the same command to resume from it.") from error
+                      f"space{_free_space(path.parent)} or fix the folder, then rerun the same command to resume "
+                      "from it.") from error
     finally:
         temporary.unlink(missing_ok=True)
 
 
+def _free_space(folder: Path) -> str:
+    """`` (N MiB free there)`` for the file system of ``folder``, or nothing when it cannot be read."""
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there)"
+    except OSError:
+        return ""
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporaries of ``write_atomic`` calls that were killed mid-write in ``folder``; returns them."""
+    """Delete the temporaries of ``write_atomic`` calls that were killed mid-write in ``folder``; returns them.
+
+    Only the holder of ``folder``'s ``folder_lock`` may call it: another live process's temporary is in flight.
+    """
     stale = sorted(p for p in Path(folder).glob(".*.tmp.*") if p.is_file())
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
 
 
+# Besides tensors, containers, numbers and strings, the one type a checkpoint may hold: DINO's main_dino.py
+# saves its arguments as an ``argparse.Namespace`` under ``args``. Nothing else is ever unpickled.
+SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
-    """Load a checkpoint (or state) dict on the CPU, or stop with an error that names the file and the fix."""
+    """Load a checkpoint (or state) dict on the CPU, or stop with an error that names the file and the fix.
+
+    Reading is safe (``weights_only``): only tensors, containers, numbers, strings and the
+    ``SAFE_CHECKPOINT_GLOBALS`` are rebuilt; a file needing any other Python object is refused. An
+    ``argparse.Namespace`` under ``args`` (DINO's checkpoints) is returned as a plain dict, as ours store it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist; check the path")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for truncated or foreign files
+        refused = unsafe_objects_in(path)
+        if refused:
+            raise RuntimeError(
+                f"{what} {path} holds Python objects of type {', '.join(refused)}; they are not loaded, because "
+                "unpickling them could run arbitrary code (only tensors, containers, numbers, strings and "
+                "argparse.Namespace are read). Re-save the weights as plain state dicts from a copy you trust, "
+                "e.g. torch.save({'teacher': model.state_dict()}, path).") from error
         raise RuntimeError(f"cannot read {what} {path}: {type(error).__name__}: {error}. The file is "
                            "corrupt, truncated or not a PyTorch checkpoint; move it away to start afresh, or "
                            "point to a good one.") from error
     if not isinstance(checkpoint, dict):
         raise RuntimeError(f"{path} holds a {type(checkpoint).__name__}, not a {what} dict")
+    if isinstance(checkpoint.get("args"), argparse.Namespace):
+        checkpoint["args"] = vars(checkpoint["args"])
     return checkpoint
+
+
+def unsafe_objects_in(path: str | Path) -> list[str]:
+    """The Python types (``module.Name``) a ``torch.save`` file needs beyond what ``load_checkpoint`` reads
+    safely, found without unpickling anything; empty when there are none or the file is no such archive."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip archive written by torch.save: nothing to name
+        return []
+    allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in SAFE_CHECKPOINT_GLOBALS}
+    return [name for name in names if name not in allowed]
 
 
 def first_non_finite(state_dict: dict) -> str | None:
@@ -431,6 +667,114 @@ def load_state_strict(module: nn.Module, state_dict: dict, what: str, path: str 
 
 
 # ----------------------------------------------------------------------------------------------
+# A run's lifecycle: one process per output folder; stopping cleanly on a signal.
+# ----------------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` for the block, or raise ``FileExistsError`` naming the live
+    process that holds it (pid, host, start time, command line).
+
+    The lock is ``fcntl.flock`` on ``<folder>/.lock``, which names its holder: the OS releases it when the
+    holder dies, so a killed run never blocks its restart. On a file system without locks it warns and
+    goes on unlocked. The file is removed on release.
+    """
+    path = Path(folder) / LOCK_NAME
+    handle = _locked_file(path)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still locked: a process that opened it before retries on a new file
+        handle.close()
+
+
+def _locked_file(path: Path):
+    """``path`` opened and locked by this process, with this process described in it."""
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "it has not written its details yet"
+            handle.close()
+            raise FileExistsError(f"{path.parent} is in use by another run ({holder}); two runs in one folder "
+                                  "would mix their logs and checkpoints. Wait for it to end (or stop it), or "
+                                  f"choose another output folder. Its lock, {path}, is released by the OS when "
+                                  "that process ends.") from None
+        except OSError as error:  # ENOLCK, ENOSYS, ...: a network file system mounted without locks
+            sys.stderr.write(f"warning: cannot lock {path} ({error.strerror}): a second run in this folder "
+                             "would not be detected\n")
+            break
+        if _is_same_file(handle, path):
+            break
+        handle.close()  # its holder removed it between our open and our lock: lock the new file
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                 f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}: {' '.join(sys.argv)}\n")
+    handle.flush()
+    return handle
+
+
+def _is_same_file(handle, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``handle``."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+class StopSignals:
+    """Within ``with``, SIGTERM, SIGUSR1 (SLURM's ``--signal``) and SIGINT (Ctrl-C) are recorded instead of
+    ending the process, so that a loop can stop at a clean point; ``received`` names the first one.
+
+    A second Ctrl-C quits at once (``KeyboardInterrupt``) in a single process, but not under torchrun,
+    which forwards the terminal's Ctrl-C to its workers: each sees it twice. Handlers can only be set
+    from the main thread; elsewhere nothing is caught. The previous handlers come back on exit.
+    """
+
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._record) for number in self.signals}
+        return self
+
+    def __exit__(self, *exception) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _record(self, number: int, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+            again = " (Ctrl-C again quits at once)" if self._second_ctrl_c_quits(number) else ""
+            # os.write, not print: the handler may have interrupted a print to the same stream
+            os.write(2, f"\n{self.received} received: stopping after the current step{again}\n".encode())
+        elif self._second_ctrl_c_quits(number):
+            raise KeyboardInterrupt
+
+    @staticmethod
+    def _second_ctrl_c_quits(number: int) -> bool:
+        return number == signal.SIGINT and not launched_by_torchrun()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A ``DataLoader`` ``worker_init_fn``: workers ignore ``StopSignals.signals``, which SLURM and a
+    terminal send to every process. The main process decides when to stop and then ends its workers; a
+    worker killed by the signal (torch's own worker handler dies of a SIGTERM from any process but its
+    parent) would make the main process raise in the middle of its step."""
+    for number in StopSignals.signals:
+        signal.signal(number, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------
 # Logging.
 # ----------------------------------------------------------------------------------------------
 def report_final(summary: dict, output_json: str | Path = "") -> None:
@@ -440,6 +784,31 @@ def report_final(summary: dict, output_json: str | Path = "") -> None:
         Path(output_json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(summary, indent=2) + "\n", output_json)
     print("FINAL " + json.dumps(summary), flush=True)
+
+
+def trim_epoch_log(log_path: str | Path, next_epoch: int) -> None:
+    """Drop the JSON lines of ``log_path`` for epochs >= ``next_epoch``, and torn lines.
+
+    Scripts log an epoch before writing its checkpoint (the commit point): a process killed in between
+    leaves a line the checkpoint does not cover, as does a run continued from an older checkpoint
+    (``--resume_from``); those epochs are about to be redone.
+    """
+    log_path = Path(log_path)
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_epoch(line) < next_epoch]
+    if len(kept) < len(lines):
+        write_text_atomic("".join(kept), log_path)
+        print(f"Dropped {len(lines) - len(kept)} line(s) of {log_path} that the checkpoint does not cover", flush=True)
+
+
+def _logged_epoch(line: str) -> float:
+    """The ``epoch`` of one JSON log line; infinity for a line torn by a kill mid-write."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class SmoothedValue:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -131,6 +132,12 @@ def attention_probabilities(attn: nn.Module, tokens: torch.Tensor) -> torch.Tens
     return ((query * attn.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
 
 
+# Width, blocks and heads of each architecture (``--embed_dim``, ``--depth``, ``--num_heads`` override them).
+ARCH_SIZES = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+              "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+              "vit_base": dict(embed_dim=768, depth=12, num_heads=12)}
+
+
 def _vit(patch_size: int, defaults: dict, kwargs: dict) -> VisionTransformer:
     """Build a ViT from size defaults that ``kwargs`` may override (tiny test models do)."""
     config = dict(mlp_ratio=4, qkv_bias=True, **defaults)
@@ -140,17 +147,17 @@ def _vit(patch_size: int, defaults: dict, kwargs: dict) -> VisionTransformer:
 
 def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
     """ViT-Tiny: width 192, 12 blocks, 3 heads."""
-    return _vit(patch_size, dict(embed_dim=192, depth=12, num_heads=3), kwargs)
+    return _vit(patch_size, ARCH_SIZES["vit_tiny"], kwargs)
 
 
 def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
     """ViT-Small: width 384, 12 blocks, 6 heads."""
-    return _vit(patch_size, dict(embed_dim=384, depth=12, num_heads=6), kwargs)
+    return _vit(patch_size, ARCH_SIZES["vit_small"], kwargs)
 
 
 def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
     """ViT-Base: width 768, 12 blocks, 12 heads."""
-    return _vit(patch_size, dict(embed_dim=768, depth=12, num_heads=12), kwargs)
+    return _vit(patch_size, ARCH_SIZES["vit_base"], kwargs)
 
 
 class WeightNormLinear(nn.Module):
@@ -244,6 +251,7 @@ def _init_linear(module: nn.Module) -> None:
 # Building from arguments, and loading pretrained weights.
 # ----------------------------------------------------------------------------------------------
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+BACKBONE_SIZE_ARGS = ("embed_dim", "depth", "num_heads")
 
 
 def add_backbone_args(parser) -> None:
@@ -259,10 +267,35 @@ def add_backbone_args(parser) -> None:
     parser.add_argument("--num_heads", default=None, type=int, help="Override the architecture's number of heads.")
 
 
+def check_backbone_args(args) -> list[str]:
+    """What is wrong with the backbone arguments (``add_backbone_args``), one line each; empty if nothing.
+
+    Training's ``validate_args`` lists these with its own problems; without the check the model's
+    constructors fail deep inside (ZeroDivisionError, a bare AssertionError).
+    """
+    problems = [f"--{name} must be positive, got {getattr(args, name)}" for name in ("patch_size", *BACKBONE_SIZE_ARGS)
+                if getattr(args, name, None) is not None and getattr(args, name) <= 0]
+    size = {name: (getattr(args, name), "") if getattr(args, name, None) is not None
+            else (ARCH_SIZES[args.arch][name], f" ({args.arch}'s default)") for name in ("embed_dim", "num_heads")}
+    (width, width_note), (heads, heads_note) = size["embed_dim"], size["num_heads"]
+    if heads > 0 and width % heads:
+        problems.append(f"--embed_dim {width}{width_note} is not a multiple of --num_heads {heads}{heads_note}; "
+                        "choose a width divisible by the number of heads")
+    return problems
+
+
+def validate_backbone_args(args) -> None:
+    """Raise a ``ValueError`` listing ``check_backbone_args``'s problems, if any (for an evaluation's
+    ``validate_args``, and before any model is built)."""
+    problems = check_backbone_args(args)
+    if problems:
+        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
 def build_backbone(args, img_size: int = 224, drop_path_rate: float = 0.0) -> VisionTransformer:
     """The ViT named by ``args.arch`` / ``args.patch_size`` with any size overrides in ``args``."""
-    overrides = {name: getattr(args, name) for name in ("embed_dim", "depth", "num_heads")
-                 if getattr(args, name, None) is not None}
+    validate_backbone_args(args)
+    overrides = {name: getattr(args, name) for name in BACKBONE_SIZE_ARGS if getattr(args, name, None) is not None}
     return ARCHS[args.arch](patch_size=args.patch_size, img_size=img_size, drop_path_rate=drop_path_rate, **overrides)
 
 
@@ -284,11 +317,14 @@ def backbone_state_dict(checkpoint: dict, checkpoint_key: str = "teacher") -> di
 
 
 def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key: str = "teacher") -> None:
-    """Load backbone weights strictly; a mismatch stops with the missing and unexpected keys.
+    """Load backbone weights strictly; a mismatch stops with the missing and unexpected keys, and weights
+    holding NaN or infinity stop with the first such tensor (every evaluation loads through here).
 
     Position embeddings learned for another native grid are resampled (bicubic) to the model's.
     """
-    state = backbone_state_dict(utils.load_checkpoint(path, what="weights"), checkpoint_key)
+    checkpoint = utils.load_checkpoint(path, what="weights")
+    state = backbone_state_dict(checkpoint, checkpoint_key)
+    _raise_on_non_finite(state, checkpoint, path)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         state["pos_embed"] = resample_pos_embed_tensor(state["pos_embed"], model.pos_embed.shape[1] - 1)
     _raise_on_mismatch(model, state, path)
@@ -305,6 +341,28 @@ def resample_pos_embed_tensor(pos_embed: torch.Tensor, num_patches: int) -> torc
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
     print(f"Resampled position embeddings from a {old_side}x{old_side} to a {new_side}x{new_side} grid", flush=True)
     return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, num_patches, -1).to(pos_embed.dtype)], 1)
+
+
+# Keys of a full training checkpoint (ours and DINO's), as opposed to exported backbone weights.
+TRAINING_CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "epoch")
+
+
+def _raise_on_non_finite(state: dict, checkpoint: dict, path: str) -> None:
+    """Refuse backbone weights holding NaN or infinity: their features still give plausible-looking scores
+    (k-NN 0 %, linear at chance, some mAP), which would be read as a bad model rather than a broken file."""
+    name = utils.first_non_finite(state)
+    if name is None:
+        return
+    if any(key in checkpoint for key in TRAINING_CHECKPOINT_KEYS):
+        earlier = sorted(p.name for p in Path(path).parent.glob("checkpoint[0-9][0-9][0-9][0-9].pth")
+                         if p.name != Path(path).name)
+        found = f" (in that folder: {', '.join(earlier[-3:])})" if earlier else ""
+        epoch = f" (epoch {checkpoint['epoch']})" if "epoch" in checkpoint else ""
+        fix = (f"this is a training checkpoint{epoch}: the training run diverged before it was written; "
+               f"evaluate an earlier checkpoint00NN.pth of the same run{found}")
+    else:
+        fix = "the file is damaged or was saved from a diverged model; evaluate other weights"
+    raise RuntimeError(f"the weights in {path} are not finite: tensor {name} holds NaN or infinity; {fix}")
 
 
 def _raise_on_mismatch(model: nn.Module, state: dict, path: str) -> None:

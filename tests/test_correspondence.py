@@ -256,3 +256,12 @@ def test_photometrics_leave_the_geometry_alone(random_images):
     assert not torch.equal(plain.reference, coloured.reference)
     assert np.isfinite(ec.correspondence_metrics(*ec.evaluate_batch(coloured, pixel_means, PATCH, 10.0, CPU), 4)
                        ["all"]["accuracy"])
+
+
+def test_non_finite_weights_are_refused(trained_checkpoint, random_images, tmp_path):
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint["teacher"]["backbone.cls_token"][0, 0, 5] = float("-inf")
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    with pytest.raises(RuntimeError, match=r"checkpoint.pth are not finite: tensor cls_token holds NaN or infinity; "
+                                           r"this is a training checkpoint \(epoch 1\): the training run diverged"):
+        ec.main(parse("--data_path", str(random_images), "--pretrained_weights", str(tmp_path / "checkpoint.pth")))

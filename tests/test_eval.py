@@ -1,7 +1,9 @@
 """k-NN and linear evaluation: the classifier math, weight loading, and both scripts end to end."""
+import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import eval_knn
 import eval_linear
+import utils
 import vision_transformer as vits
 from eval_knn import knn_classifier
 from conftest import TINY_BACKBONE_ARGS, write_images
@@ -188,7 +191,7 @@ def test_knn_script_with_trained_and_random_weights(dataset_and_checkpoint, tmp_
     assert reloaded == trained
     assert eval_knn.main(parser.parse_args(common + ["--use_faiss", "--load_features", str(tmp_path / "features")])) == trained
     random = eval_knn.main(parser.parse_args(common + ["--random_init"]))
-    assert set(random) == {1, 3, 50} and all(0 <= r["top1"] <= 100 for r in random.values())
+    assert set(random) == {1, 3, 15} and all(0 <= r["top1"] <= 100 for r in random.values())  # 15 train images
     assert final_line(capsys.readouterr().out)["weights"] == "random_init"
 
 
@@ -244,3 +247,167 @@ def test_random_init_baseline_is_reproducible():
     args = eval_knn.get_args_parser().parse_args(EVAL_ARGS + ["--random_init"])
     first, second = vits.build_frozen_backbone(args, 16), vits.build_frozen_backbone(args, 16)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights that must be refused or read (README "When things go wrong").
+# ----------------------------------------------------------------------------------------------
+def diverged_copy(checkpoint_path, folder) -> str:
+    """A copy of a training checkpoint whose teacher holds a NaN and an infinity, as ``folder/checkpoint.pth``."""
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    checkpoint["teacher"]["backbone.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    checkpoint["teacher"]["backbone.norm.bias"][0] = float("inf")
+    folder.mkdir()
+    torch.save(checkpoint, folder / "checkpoint.pth")
+    return str(folder / "checkpoint.pth")
+
+
+DIVERGED = (r"weights in .*checkpoint.pth are not finite: tensor blocks.0.attn.qkv.weight holds NaN or infinity; "
+            r"this is a training checkpoint \(epoch 1\): the training run diverged")
+
+
+def test_non_finite_weights_are_refused_by_knn_and_linear(dataset_and_checkpoint, tmp_path):
+    data, checkpoint_path = dataset_and_checkpoint
+    weights = diverged_copy(checkpoint_path, tmp_path / "run")
+    with pytest.raises(RuntimeError, match=DIVERGED):
+        eval_knn.main(eval_knn.get_args_parser().parse_args(
+            EVAL_ARGS + ["--data_path", str(data), "--pretrained_weights", weights]))
+    linear = EVAL_ARGS + ["--data_path", str(data), "--pretrained_weights", weights, "--n_last_blocks", "1",
+                          "--epochs", "1", "--output_dir", str(tmp_path / "linear")]
+    for extra in ([], ["--evaluate"]):
+        with pytest.raises(RuntimeError, match=DIVERGED):
+            eval_linear.main(eval_linear.get_args_parser().parse_args(linear + extra))
+    assert not (tmp_path / "linear" / eval_linear.CHECKPOINT_NAME).exists()
+
+
+class DinoWrapper(torch.nn.Module):
+    """DINO's ``MultiCropWrapper`` as its state dict sees it: ``backbone.*`` and ``head.*``."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = vits.vit_tiny(patch_size=4, embed_dim=32, depth=1, num_heads=2, img_size=16)
+        self.head = vits.DINOHead(32, 64, hidden_dim=64, bottleneck_dim=32)
+
+
+def write_dino_checkpoint(path) -> argparse.Namespace:
+    """A checkpoint laid out as DINO's main_dino.py writes it: the student under DDP (``module.``), the
+    teacher without, the AdamW state, the loss center, the fp16 scaler, and the arguments as a Namespace."""
+    parser = argparse.ArgumentParser("DINO")
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch_size", default=16, type=int)
+    parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.0))
+    parser.add_argument("--use_fp16", type=utils.bool_flag, default=True)
+    args = parser.parse_args(["--arch", "vit_tiny", "--patch_size", "4"])
+    args.rank, args.world_size, args.gpu, args.dist_url = 0, 1, 0, "env://"  # set by DINO at run time
+    student, teacher = torch.nn.Module(), DinoWrapper()
+    student.module = DinoWrapper()
+    teacher.load_state_dict(student.module.state_dict())
+    optimizer = torch.optim.AdamW(utils.get_params_groups(student))
+    student.module.head(student.module.backbone(torch.randn(2, 3, 16, 16))).sum().backward()
+    optimizer.step()
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": 3, "args": args, "dino_loss": {"center": torch.zeros(1, 64)},
+                "fp16_scaler": torch.amp.GradScaler("cpu").state_dict()}, path)
+    return args
+
+
+def test_official_dino_checkpoint_is_read_safely(dataset_and_checkpoint, tmp_path, capsys):
+    data, _ = dataset_and_checkpoint
+    dino_args = write_dino_checkpoint(tmp_path / "checkpoint.pth")
+    checkpoint = utils.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert checkpoint["args"] == vars(dino_args) and checkpoint["epoch"] == 3  # the Namespace, as a plain dict
+    assert {"student", "teacher", "optimizer", "dino_loss", "fp16_scaler"} < set(checkpoint)
+    common = EVAL_ARGS + ["--data_path", str(data), "--pretrained_weights", str(tmp_path / "checkpoint.pth"),
+                          "--nb_knn", "3"]
+    results = eval_knn.main(eval_knn.get_args_parser().parse_args(common + ["--checkpoint_key", "teacher"]))
+    loaded = f"Loaded {len(DinoWrapper().backbone.state_dict())} backbone tensors"
+    assert loaded in capsys.readouterr().out and 0 <= results[3]["top1"] <= 100
+    for key, prefix in (("teacher", "backbone."), ("student", "module.backbone.")):
+        model = vits.build_frozen_backbone(eval_knn.get_args_parser().parse_args(common + ["--checkpoint_key", key]),
+                                           img_size=16)
+        assert all(torch.equal(value, checkpoint[key][prefix + name]) for name, value in model.state_dict().items())
+
+
+def test_knn_k_above_the_training_set_is_reported_as_used(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    tensors = (torch.randn(12, 8, generator=generator), torch.randn(5, 8, generator=generator),
+               torch.arange(12) % 3, torch.arange(5) % 3)
+    (tmp_path / "features").mkdir()
+    for tensor, name in zip(tensors, eval_knn.FEATURE_FILES):
+        torch.save(tensor, tmp_path / "features" / name)
+    results = eval_knn.main(eval_knn.get_args_parser().parse_args(
+        ["--load_features", str(tmp_path / "features"), "--nb_knn", "3", "20", "200"]))
+    printed = capsys.readouterr().out
+    assert set(results) == {3, 12} and set(final_line(printed)["results"]) == {"3", "12"}
+    assert "warning: --nb_knn 20 is more than the 12 training images; evaluating and reporting it as 12-NN" in printed
+    assert "--nb_knn 200 is more than" in printed and "12-NN classifier result" in printed
+    assert "20-NN" not in printed.replace("--nb_knn 20 ", "")
+
+
+# The child process runs eval_linear and SIGKILLs itself around its second checkpoint commit.
+LINEAR_KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import eval_linear
+
+replace, commits = os.replace, []
+
+def dying_replace(source, destination):
+    killed_after = os.environ["KILL"] == "after_commit"
+    if os.path.basename(destination) == eval_linear.CHECKPOINT_NAME:
+        commits.append(destination)
+        if len(commits) == 2 and not killed_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    replace(source, destination)
+    if len(commits) == 2 and killed_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = dying_replace
+eval_linear.main(eval_linear.get_args_parser().parse_args(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("kill", ["before_commit", "after_commit"])
+def test_linear_killed_around_its_checkpoint_loses_no_log_line(dataset_and_checkpoint, tmp_path, root, capsys, kill):
+    data, _ = dataset_and_checkpoint
+    output = tmp_path / "linear"
+    argv = EVAL_ARGS + ["--data_path", str(data), "--random_init", "--n_last_blocks", "1", "--epochs", "2",
+                        "--batch_size_per_gpu", "8", "--output_dir", str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "KILL": kill}
+    result = subprocess.run([sys.executable, "-c", LINEAR_KILLER, str(root), *argv], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stdout[-3000:] + result.stderr[-3000:]
+    logged = [json.loads(line)["epoch"] for line in (output / "log.txt").read_text().splitlines()]
+    assert logged == [0, 1]  # epoch 1 was logged before its checkpoint, whichever side of the commit the kill fell
+    committed = utils.load_checkpoint(output / eval_linear.CHECKPOINT_NAME)["epoch"]
+    assert committed == (2 if kill == "after_commit" else 1)
+    with open(output / "log.txt", "a") as log:
+        log.write('{"epoch": 1, "train_lo')  # and a line torn by the kill
+    capsys.readouterr()
+    best = eval_linear.main(eval_linear.get_args_parser().parse_args(argv))
+    printed = capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (output / "log.txt").read_text().splitlines()] == [0, 1]
+    assert f"Dropped {3 - committed} line(s)" in printed and 0 <= best["top1"] <= 100
+    assert not list(output.glob(".*.tmp.*"))  # a temporary left by the kill is removed
+
+
+def test_evaluations_list_class_folders_by_the_project_rule_and_check_backbone_args(tmp_path):
+    write_images(tmp_path / "train", classes=("cat", "dog", ".ipynb_checkpoints"), per_class=2)
+    split = eval_knn.build_split(tmp_path, "train", None, eval_knn.IndexedImageFolder)
+    assert split.classes == ["cat", "dog"] and len(split) == 4  # torchvision's ImageFolder: 3 classes
+    for script in (eval_knn, eval_linear):
+        parser = script.get_args_parser()
+        args = parser.parse_args(EVAL_ARGS + ["--data_path", str(tmp_path), "--patch_size", "0"])
+        with pytest.raises(ValueError, match="--patch_size must be positive, got 0"):
+            script.validate_args(args)
+        args = parser.parse_args(EVAL_ARGS + ["--data_path", str(tmp_path), "--embed_dim", "33"])
+        with pytest.raises(ValueError, match="--embed_dim 33 is not a multiple of --num_heads 2"):
+            script.validate_args(args)
+
+
+def test_building_a_backbone_names_impossible_sizes():
+    parser = argparse.ArgumentParser()
+    vits.add_backbone_args(parser)
+    with pytest.raises(ValueError, match=r"--patch_size must be positive, got 0\n.*--embed_dim 33 is not a multiple "
+                                         r"of --num_heads 6 \(vit_small's default\)"):
+        vits.build_backbone(parser.parse_args(["--patch_size", "0", "--embed_dim", "33"]))

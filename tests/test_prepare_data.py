@@ -123,3 +123,69 @@ def test_holdout_errors_and_foreign_folders(mini_fashion_mnist, tmp_path):
     with pytest.raises(FileExistsError, match="not written by prepare_data.py"):
         prepare_data.main(parse(*common, "--output_dir", str(foreign)))
     assert (foreign / "train" / "keep.png").read_bytes() == b"x"
+
+
+def test_rerun_with_a_smaller_limit_leaves_exactly_the_new_selection(mini_fashion_mnist, tmp_path):
+    common = ("--dataset", "fashion_mnist", "--source", str(mini_fashion_mnist), "--output_dir", str(tmp_path))
+    prepare_data.main(parse(*common, "--limit_per_class", "3"))
+    counts = prepare_data.main(parse(*common, "--limit_per_class", "1"))
+    on_disk = {split: len(list((tmp_path / split).rglob("*.png"))) for split in ("train", "val")}
+    assert counts == on_disk == {"train": 10, "val": 10}
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged and foreign sources.
+# ----------------------------------------------------------------------------------------------
+def write_cifar10_archive(path):
+    rng = np.random.default_rng(2)
+    folder = prepare_data.CIFAR_ARCHIVES["cifar10"][1]
+    with tarfile.open(path, "w:gz") as archive:
+        for i in range(1, 6):
+            write_tar_member(archive, f"{folder}/data_batch_{i}", cifar_batch(rng, 40, b"labels", 10))
+        write_tar_member(archive, f"{folder}/test_batch", cifar_batch(rng, 10, b"labels", 10))
+        write_tar_member(archive, f"{folder}/batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+    return path
+
+
+def test_damaged_fashion_mnist_files_are_named_with_the_fix(mini_fashion_mnist, tmp_path):
+    common = ("--dataset", "fashion_mnist", "--source", str(mini_fashion_mnist), "--output_dir", str(tmp_path / "o"))
+    images = mini_fashion_mnist / "train-images-idx3-ubyte.gz"
+    whole = images.read_bytes()
+    images.write_bytes(whole[:len(whole) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz is not a complete gzip file \(EOFError.*"
+                                         r"truncated or corrupt.*download it again"):
+        prepare_data.main(parse(*common))
+    images.write_bytes(b"<html>404 not found</html>")
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz is not a complete gzip file \(BadGzipFile"):
+        prepare_data.main(parse(*common))
+    with gzip.open(images, "wb") as handle:  # a whole gzip file holding a cut IDX file
+        handle.write(gzip.decompress(whole)[:1000])
+    with pytest.raises(ValueError, match=r"holds 984 bytes of data where its header announces 30 x 28 x 28"):
+        prepare_data.main(parse(*common))
+    images.write_bytes(whole)
+    (mini_fashion_mnist / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte.gz not found: --source .* must hold"):
+        prepare_data.main(parse(*common))
+    assert not (tmp_path / "o").exists()  # nothing written before the source was read whole
+
+
+def test_fake_or_truncated_cifar_archives_are_named_with_the_fix(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    common = ("--dataset", "cifar10", "--source", str(path), "--output_dir", str(tmp_path / "o"))
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match=r"cifar-10-python.tar.gz is not a .tar.gz archive \(ReadError.*"
+                                         r"download it again, or point --source at an intact copy"):
+        prepare_data.main(parse(*common))
+    whole = write_cifar10_archive(tmp_path / "whole.tar.gz").read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cifar-10-python.tar.gz (cannot be read to the end|has no) .*"
+                                         r"truncated or corrupt"):
+        prepare_data.main(parse(*common))
+    with pytest.raises(ValueError, match=r"whole.tar.gz has no cifar-100-python/train .*another --dataset"):
+        prepare_data.main(parse("--dataset", "cifar100", "--source", str(tmp_path / "whole.tar.gz"),
+                                "--output_dir", str(tmp_path / "o")))
+    folder = tmp_path / "extracted" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a CIFAR python batch \(UnpicklingError"):
+        prepare_data.main(parse("--dataset", "cifar10", "--source", str(folder.parent), "--output_dir", str(tmp_path)))

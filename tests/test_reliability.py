@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -69,18 +70,24 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_mid_epoch_resume_is_exact(reference, tmp_path, monkeypatch, capsys, workers):
-    data, _, _ = reference
-    output = tmp_path / "run"
+def crash_at_epoch_1_iteration_2(monkeypatch) -> None:
+    """Make training raise ``Crash`` in iteration 2 of epoch 1 (checkpoint.pth then continues at (1, 2) with
+    --save_every_iters 1)."""
     step = patch_wise_dino.Trainer.step
 
-    def crash_at_epoch_1_iteration_2(self, images, geometry, epoch, iteration, iteration_in_epoch):
+    def crashing_step(self, images, geometry, epoch, iteration, iteration_in_epoch):
         if (epoch, iteration_in_epoch) == (1, 2):
             raise Crash
         return step(self, images, geometry, epoch, iteration, iteration_in_epoch)
 
-    monkeypatch.setattr(patch_wise_dino.Trainer, "step", crash_at_epoch_1_iteration_2)
+    monkeypatch.setattr(patch_wise_dino.Trainer, "step", crashing_step)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_mid_epoch_resume_is_exact(reference, tmp_path, monkeypatch, capsys, workers):
+    data, _, _ = reference
+    output = tmp_path / "run"
+    crash_at_epoch_1_iteration_2(monkeypatch)
     with pytest.raises(Crash):
         main(parse(data, output, *RUN, "--num_workers", workers))
     monkeypatch.undo()
@@ -109,8 +116,10 @@ def test_sigkill_at_any_moment_then_resume(reference, tmp_path, root):
         process.communicate()
     assert process.returncode == -signal.SIGKILL
     assert next_step(output / "checkpoint.pth") >= (0, 2)  # a complete checkpoint, at least that far
+    assert (output / utils.LOCK_NAME).exists()  # left locked by a dead process: the OS released it
     teacher = main(parse(data, output, *RUN)).teacher.state_dict()
     assert_same_run(output, teacher, reference)
+    assert not (output / utils.LOCK_NAME).exists()
 
 
 def test_sigkill_inside_checkpoint_write_keeps_the_previous_one(reference, tmp_path, root, capsys):
@@ -118,7 +127,8 @@ def test_sigkill_inside_checkpoint_write_keeps_the_previous_one(reference, tmp_p
     output = tmp_path / "run"
     command = [sys.executable, str(root / "tests" / "crash_launcher.py"), *TINY_ARGS, "--data_path", str(data),
                "--output_dir", str(output), *RUN]
-    result = subprocess.run(command, env={**SUBPROCESS_ENV, "PWSELF_KILL_IN_SAVE": "3"}, capture_output=True,
+    # Writes of checkpoint.pth: at the start, after iterations 0 and 1, at the end of epoch 0 (the 4th).
+    result = subprocess.run(command, env={**SUBPROCESS_ENV, "PWSELF_KILL_IN_SAVE": "4"}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stdout[-3000:] + result.stderr[-3000:]
     temporaries = list(output.glob(".checkpoint.pth.tmp.*"))
@@ -130,7 +140,14 @@ def test_sigkill_inside_checkpoint_write_keeps_the_previous_one(reference, tmp_p
     assert_same_run(output, teacher, reference)
 
 
-def test_full_disk_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
+# How a full disk shows: Python's own writes raise OSError; torch.save's writer raises RuntimeError.
+FULL_DISK_ERRORS = [(OSError(errno.ENOSPC, "No space left on device"), r"\[Errno 28\] No space left on device"),
+                    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                     r"\[enforce fail at inline_container.cc:672\] \. unexpected pos 704 vs 598")]
+
+
+@pytest.mark.parametrize("error, shown", FULL_DISK_ERRORS, ids=["OSError", "RuntimeError"])
+def test_full_disk_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch, error, shown):
     data, _, _ = reference
     output = tmp_path / "run"
     save, before = torch.save, {}
@@ -139,12 +156,12 @@ def test_full_disk_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatc
         if state["epoch"] == 1:  # the end of epoch 0: the disk is full
             before["bytes"] = (output / "checkpoint.pth").read_bytes()
             handle.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         save(state, handle)
 
     monkeypatch.setattr(utils.torch, "save", save_until_disk_full)
-    with pytest.raises(OSError, match=r"could not write .*checkpoint.pth: \[Errno 28\] No space left on device\. "
-                                      r"The previous checkpoint.pth \(if any\) is intact"):
+    with pytest.raises(OSError, match=rf"could not write .*checkpoint.pth: {shown}\. "
+                                      r"The previous checkpoint.pth \(if any\) is intact; free disk space \("):
         main(parse(data, output, *RUN))
     monkeypatch.undo()
     assert (output / "checkpoint.pth").read_bytes() == before["bytes"]
@@ -168,6 +185,138 @@ def test_non_finite_weights_are_never_saved(reference, tmp_path, monkeypatch):
                                                  r".*last good checkpoint .* is untouched"):
         main(parse(data, output, *RUN))
     assert next_step(output / "checkpoint.pth") == (0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's lifecycle: one run per folder, full disks, stop signals, a missing commit point.
+# ----------------------------------------------------------------------------------------------
+def test_full_disk_on_a_real_file_system_keeps_the_previous_checkpoint(reference, tmp_path):
+    data, _, _ = reference
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # 768 KiB hold the first checkpoint (~340 KB, no optimizer state yet) but not a second one (~670 KB) beside it.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(OSError, match=r"could not write .*checkpoint.pth: .*\. The previous checkpoint.pth "
+                                          r"\(if any\) is intact; free disk space \(0\.\d MiB free there\)"):
+            main(parse(data, disk / "run", *RUN))
+        assert next_step(disk / "run" / "checkpoint.pth") == (0, 0)  # the first one, whole
+        assert sorted(p.name for p in (disk / "run").iterdir()) == ["args.json", "checkpoint.pth"]  # no temporary
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_folder_lock_names_its_holder_and_goes_away(tmp_path):
+    with utils.folder_lock(tmp_path) as path:
+        assert path.read_text().startswith(f"pid {os.getpid()} on host {socket.gethostname()}, started ")
+        with pytest.raises(FileExistsError, match=rf"{tmp_path} is in use by another run \(pid {os.getpid()} "):
+            with utils.folder_lock(tmp_path):  # a second open file: flock refuses it even in this process
+                pass
+    assert not path.exists()
+    with utils.folder_lock(tmp_path):  # free again
+        pass
+
+
+def start_training(data: Path, output: Path, root: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, str(root / "patch_wise_dino.py"), *TINY_ARGS, "--data_path", str(data),
+               "--output_dir", str(output), *RUN, *extra]
+    return subprocess.Popen(command, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_second_run_in_a_folder_is_refused_and_leaves_the_live_run_alone(reference, tmp_path, root):
+    data, reference_output, _ = reference
+    output = tmp_path / "run"
+    first = start_training(data, output, root)
+    try:
+        read_until(first, "next epoch 0, iteration 1")
+        os.kill(first.pid, signal.SIGSTOP)  # alive and holding the lock while the second one starts
+        in_flight = output / f".checkpoint.pth.tmp.{first.pid}"  # as if caught while writing a checkpoint
+        in_flight.write_bytes(b"a checkpoint being written")
+        second = start_training(data, output, root, "--lr", "0.001")
+        printed = second.communicate(timeout=300)[0]
+        assert second.returncode == 1 and "Traceback" not in printed
+        assert f"{output} is in use by another run (pid {first.pid} on host {socket.gethostname()}, started " in printed
+        assert in_flight.read_bytes() == b"a checkpoint being written"  # refused before cleaning
+        in_flight.unlink()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert (output / "log.txt").read_text() == (reference_output / "log.txt").read_text()  # one line per epoch
+    assert json.loads((output / "args.json").read_text())["lr"] == 0.0005  # the first run's, not the second's
+
+
+def test_stop_signals_are_recorded_until_a_second_ctrl_c(capfd):
+    before = {number: signal.getsignal(number) for number in utils.StopSignals.signals}
+    with utils.StopSignals() as stop:
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.received == "SIGUSR1"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert {number: signal.getsignal(number) for number in utils.StopSignals.signals} == before
+    assert capfd.readouterr().err == "\nSIGUSR1 received: stopping after the current step\n"
+
+
+# (signal, data workers, the iteration it arrives in, where checkpoint.pth then continues)
+STOPS = [("SIGTERM", "2", "0:1", (0, 2)), ("SIGINT", "0", "0:1", (0, 2)), ("SIGUSR1", "0", "0:2", (1, 0))]
+
+
+@pytest.mark.parametrize("name, workers, at, point", STOPS)
+def test_stop_signal_saves_the_step_and_resumes_exactly(reference, tmp_path, root, name, workers, at, point):
+    data, _, _ = reference
+    output = tmp_path / "run"
+    # Without --save_every_iters: a mid-epoch checkpoint can only come from the stop. The signal reaches the
+    # whole process group (data workers too) from another process, as from SLURM or a terminal.
+    command = [sys.executable, str(root / "tests" / "crash_launcher.py"), *TINY_ARGS, "--data_path", str(data),
+               "--output_dir", str(output), "--epochs", "2", "--depth", "2", "--num_workers", workers]
+    result = subprocess.run(command, env={**SUBPROCESS_ENV, "PWSELF_SIGNAL_AT": f"{at}:{name}", "PWSELF_SIGNAL_GROUP": "1"},
+                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    printed = result.stdout + result.stderr
+    assert result.returncode == patch_wise_dino.STOPPED_EXIT_STATUS, printed[-3000:]
+    assert f"{name} received: stopping after the current step" in printed and "Traceback" not in printed
+    assert (f"stopped on {name}: {output / 'checkpoint.pth'} is saved to continue at epoch {point[0]}, "
+            f"iteration {point[1]}") in printed
+    assert next_step(output / "checkpoint.pth") == point
+    log = output / "log.txt"
+    assert (len(log.read_text().splitlines()) if log.exists() else 0) == point[0]  # a line per finished epoch
+    teacher = main(parse(data, output, *RUN)).teacher.state_dict()
+    assert_same_run(output, teacher, reference)
+
+
+def test_folder_without_checkpoint_pth_is_refused_then_resume_from_continues_exactly(reference, tmp_path,
+                                                                                      monkeypatch, capsys):
+    data, _, _ = reference
+    output = tmp_path / "run"
+    crash_at_epoch_1_iteration_2(monkeypatch)
+    with pytest.raises(Crash):
+        main(parse(data, output, *RUN, "--saveckp_freq", "1"))
+    monkeypatch.undo()
+    (output / "checkpoint.pth").unlink()  # the commit point is lost; the log and checkpoint0000.pth remain
+    with open(output / "log.txt", "a") as log:  # and the log went further than checkpoint0000.pth
+        log.write(json.dumps({"epoch": 1, "loss": 0.0}) + "\n")
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    periodic = output / "checkpoint0000.pth"
+    with pytest.raises(FileExistsError, match=rf"holds log.txt with 2 line\(s\) and 1 periodic checkpoint\(s\) of an "
+                                              rf"earlier run but no checkpoint.pth .* --resume_from {periodic}: "):
+        main(parse(data, output, *RUN))
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before  # nothing deleted or changed
+    log_only = shutil.copytree(output, tmp_path / "log_only", ignore=shutil.ignore_patterns("checkpoint*"))
+    with pytest.raises(FileExistsError, match=r"holds log.txt with 2 line\(s\) of an earlier run but no checkpoint.pth"
+                                              r".*No checkpoint is left\. To start afresh, choose another --output_dir"):
+        main(parse(data, log_only, *RUN))
+
+    capsys.readouterr()
+    teacher = main(parse(data, output, *RUN, "--resume_from", str(periodic))).teacher.state_dict()
+    assert "Dropped 1 line(s)" in capsys.readouterr().out
+    assert_same_run(output, teacher, reference)
+    assert periodic.read_bytes() == before[periodic.name]  # only read
+    main(parse(data, output, *RUN, "--resume_from", str(periodic)))  # the same command again: checkpoint.pth rules
+    assert "Continuing from" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match=r"exists too and was not written by a run resumed from that file"):
+        main(parse(data, output, *RUN, "--resume_from", str(output / "checkpoint0001.pth")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +448,32 @@ def test_bad_training_checkpoints_are_named(reference, tmp_path):
     shutil.copy(reference_output / "checkpoint.pth", path)
     with pytest.raises(ValueError, match="--patch_size: checkpoint 4, now 8"):
         main(parse(data, output, *RUN, "--patch_size", "8", "--local_crops_size", "8"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--norm_last_layer", "false"], r"--norm_last_layer cannot change on resume, even with --allow_args_change "
+                                     r"\(checkpoint True, now False\): it decides whether the scale of the head's last "
+                                     r"layer is trained, which changes the optimizer's parameter groups, so the "
+                                     r"optimizer state in .*checkpoint.pth cannot be carried over"),
+    (["--optimizer", "sgd"], r"--optimizer cannot change on resume.*another optimizer keeps other state"),
+])
+def test_resume_with_another_optimizer_layout_is_named(reference, tmp_path, extra, message):
+    data, _, _ = reference
+    output = copy_of_finished_run(reference, tmp_path)
+    with pytest.raises(ValueError, match=message):
+        main(parse(data, output, *RUN, *extra, "--allow_args_change"))
+
+
+def test_non_finite_resume_checkpoint_is_named(reference, tmp_path):
+    data, _, _ = reference
+    output = copy_of_finished_run(reference, tmp_path)
+    checkpoint = utils.load_checkpoint(output / "checkpoint.pth")
+    name = next(key for key in checkpoint["teacher"] if "blocks.1.mlp" in key)
+    checkpoint["teacher"][name].view(-1)[3] = float("nan")
+    torch.save(checkpoint, output / "checkpoint.pth")
+    with pytest.raises(ValueError, match=rf"checkpoint.pth holds non-finite values \(NaN or infinity\), first in the "
+                                         rf"teacher's tensor {name}: .*--resume_from"):
+        main(parse(data, output, *RUN))
 
 
 def test_bad_evaluation_weights_are_named_never_random(reference, tmp_path):

@@ -191,3 +191,65 @@ def test_gem_features_and_whitening():
     torch.testing.assert_close(whitened.T @ whitened / 200, torch.eye(8), atol=1e-3, rtol=1e-3)
     few = eval_copy_detection.PCAWhitening(samples[:5])  # fewer samples than dimensions
     assert few.projection.shape == (8, 4) and torch.isfinite(few(samples)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and inputs that are refused at the start (README "When things go wrong").
+# ----------------------------------------------------------------------------------------------
+def with_boxes(revisitop_set, folder, boxes: dict):
+    """A copy of the revisitop set's ground truth (same images) with some query boxes replaced."""
+    with open(revisitop_set / "tinyox" / "gnd_tinyox.pkl", "rb") as handle:
+        ground_truth = pickle.load(handle)
+    for query, box in boxes.items():
+        ground_truth["gnd"][query]["bbx"] = box
+    (folder / "tinyox").mkdir(parents=True)
+    (folder / "tinyox" / "jpg").symlink_to(revisitop_set / "tinyox" / "jpg")
+    with open(folder / "tinyox" / "gnd_tinyox.pkl", "wb") as handle:
+        pickle.dump(ground_truth, handle)
+    return folder
+
+
+@pytest.mark.parametrize("box, message", [
+    ([10, 5, 10, 30], r"query 1 \(\w+_query\) in gnd_tinyox.pkl has the box \[10, 5, 10, 30\], which crops to 0x25 "
+                      r"pixels \(x2 <= x1 or y2 <= y1\): fix that box, or drop the query"),
+    ([10.2, 5, 10.4, 30], r"query 1 .* has the box \[10.2, 5, 10.4, 30\], which crops to 0x25"),  # PIL rounds
+    ([30, 5, 10, 30], r"query 1 .* which crops to 0x25"),
+    ([0, 0, 200, 3], r"query 1 .*\(200x3 pixels\): resized to --imsize 48 its shorter side is 1 pixels, under one "
+                     r"patch \(--patch_size 4\); raise --imsize"),
+])
+def test_degenerate_query_boxes_are_named(revisitop_set, tmp_path, box, message):
+    data = with_boxes(revisitop_set, tmp_path / "data", {1: box})
+    with pytest.raises(ValueError, match=message):
+        eval_image_retrieval.main(retrieval_args(data, tmp_path, "--random_init"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--imsize", "3"], r"--imsize 3 gives images of 3 pixels, smaller than one patch \(--patch_size 4\)"),
+    (["--imsize", "6", "--multiscale", "true"], r"--imsize 6 gives images of 3 pixels at the 1/2 scale of "),
+])
+def test_retrieval_imsize_below_a_patch_is_refused_at_start(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):  # before the (absent) ground truth is even looked for
+        eval_image_retrieval.main(retrieval_args(tmp_path, tmp_path, "--random_init", *extra))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--topk", "0"], r"--topk must be at least 1 \(results retrieved per query\), got 0"),
+    (["--imsize", "30"], r"--imsize 30 must be a positive multiple of --patch_size 4"),
+])
+def test_copy_detection_bad_arguments_are_named_at_start(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):  # before the (absent) Copydays folder is even looked for
+        eval_copy_detection.main(copydays_args(tmp_path, tmp_path, "--random_init", *extra))
+
+
+def test_non_finite_weights_are_refused_by_retrieval_and_copy_detection(revisitop_set, copydays_set,
+                                                                        trained_checkpoint, tmp_path):
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint["teacher"]["backbone.patch_embed.proj.weight"].view(-1)[3] = float("nan")
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    weights = ["--pretrained_weights", str(tmp_path / "checkpoint.pth")]
+    diverged = r"not finite: tensor patch_embed.proj.weight holds NaN or infinity; this is a training checkpoint"
+    with pytest.raises(RuntimeError, match=diverged):
+        eval_image_retrieval.main(retrieval_args(revisitop_set, tmp_path, *weights))
+    with pytest.raises(RuntimeError, match=diverged):
+        eval_copy_detection.main(copydays_args(copydays_set, tmp_path, *weights))
+    assert not (tmp_path / "copydays.json").exists() and not (tmp_path / "retrieval_tinyox.json").exists()

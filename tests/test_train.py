@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import patch_wise_dino
+import utils
 from conftest import TINY_ARGS, write_images
 from patch_wise_dino import get_args_parser, main
 
@@ -138,16 +139,22 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(image_folder, tmp_path, monk
     assert (output / "checkpoint.pth").read_bytes() == before
 
 
-def test_torchrun_keeps_identical_teachers_and_restarts_a_killed_process_exactly(image_folder, tmp_path, root):
+def run_torchrun(root: Path, data: Path, output: Path, *options: str, succeeds: bool = True,
+                 **environment: str) -> str:
+    """Two processes of ``crash_launcher.py`` under torchrun, 3 iterations per epoch; their stdout and stderr."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *options,
+               str(root / "tests" / "crash_launcher.py"), *TINY_ARGS, "--data_path", str(data),
+               "--output_dir", str(output), "--epochs", "2", "--batch_size_per_gpu", "2", "--depth", "2",
+               "--save_every_iters", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **environment}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert (result.returncode == 0) == succeeds, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_torchrun_keeps_identical_teachers_and_resumes_exactly_after_a_kill_or_a_stop(image_folder, tmp_path, root):
     def torchrun(output, *options, **environment):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *options,
-                   str(root / "tests" / "crash_launcher.py"), *TINY_ARGS, "--data_path", str(image_folder),
-                   "--output_dir", str(output), "--epochs", "2", "--batch_size_per_gpu", "2", "--depth", "2",
-                   "--save_every_iters", "1"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **environment}
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result.stdout
+        return run_torchrun(root, image_folder, output, *options, **environment)
 
     printed = torchrun(tmp_path / "ddp")
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -162,6 +169,27 @@ def test_torchrun_keeps_identical_teachers_and_restarts_a_killed_process_exactly
     assert "Resumed from" in printed and "next epoch 1, iteration 1" in printed and "warning: torchrun" not in printed
     restarted = torch.load(tmp_path / "restarted" / "teacher_rank0.pt", weights_only=True)
     assert all(torch.equal(restarted[key], rank0[key]) for key in rank0)
+
+    # Only rank 1 gets SIGTERM, inside iteration 0 (after its vote): every rank stops after iteration 1, where
+    # rank 0 saves; torchrun reports the stopped workers as failed. The same command then resumes exactly.
+    stopped = tmp_path / "stopped"
+    printed = torchrun(stopped, succeeds=False, PWSELF_SIGNAL_AT="0:0:SIGTERM", PWSELF_KILL_RANK="1")
+    assert f"stopped on a signal received by another process: {stopped / 'checkpoint.pth'} is saved to continue " \
+           "at epoch 0, iteration 2" in printed
+    assert torch.load(stopped / "checkpoint.pth", weights_only=True)["iteration"] == 2
+    printed = torchrun(stopped)
+    assert "Resumed from" in printed and "next epoch 0, iteration 2" in printed
+    resumed = torch.load(stopped / "teacher_rank0.pt", weights_only=True)
+    assert all(torch.equal(resumed[key], rank0[key]) for key in rank0)
+
+
+def test_torchrun_refused_on_rank_0_stops_every_rank(image_folder, tmp_path, root):
+    output = tmp_path / "run"
+    output.mkdir()
+    with utils.folder_lock(output):  # another run holds the folder
+        printed = run_torchrun(root, image_folder, output, succeeds=False)
+    assert f"{output} is in use by another run (pid {os.getpid()} on host" in printed
+    assert "rank 0 stopped at the start (its error is printed above); this process stops too" in printed
 
 
 def read_fashion_mnist(count: int) -> np.ndarray:
@@ -198,3 +226,38 @@ def test_training_options_run(image_folder, tmp_path, extra):
     trainer = main(parse(image_folder, tmp_path / "run", "--epochs", "1", *extra))
     line = json.loads((tmp_path / "run" / "log.txt").read_text())
     assert np.isfinite(line["loss"]) and trainer.args.epochs == 1
+
+
+def test_unreadable_images_in_a_row_name_the_last_file_tried(tmp_path, capsys):
+    files = []
+    for index in range(50):
+        files.append(tmp_path / f"bad{index}.jpg")
+        files[-1].write_bytes(b"not an image")
+    dataset = patch_wise_dino.TrainingImages(files, transform=None)
+    for seed in range(3):
+        with pytest.raises(RuntimeError, match="10 unreadable images in a row") as error:
+            dataset[(seed, seed)]
+        tried = [line.split("cannot read image ")[1].split(":")[0] for line in capsys.readouterr().err.splitlines()]
+        assert len(tried) == 10 and f"(the last {tried[-1]})" in str(error.value)
+
+
+def test_every_bad_start_up_argument_is_named_at_once(image_folder, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    bad = ["--lr", "-0.5", "--clip_grad", "-1", "--weight_decay", "-0.1", "--weight_decay_end", "nan",
+           "--min_lr=-1e-6", "--patch_size", "0", "--seed", "-1", "--drop_path_rate", "1.5",
+           "--momentum_teacher", "1.5", "--depth", "0"]
+    with pytest.raises(ValueError) as error:
+        main(parse(image_folder, tmp_path / "a_file", *bad))
+    message = str(error.value)
+    for problem in ("--lr must be a number >= 0, got -0.5", "--clip_grad must be a number >= 0, got -1.0",
+                    "--weight_decay must be", "--weight_decay_end must be a number >= 0, got nan", "--min_lr must",
+                    "--patch_size must be positive, got 0", "--seed must be >= 0, got -1",
+                    "--drop_path_rate must lie in [0, 1), got 1.5", "--momentum_teacher must lie in [0, 1]",
+                    "--depth must be positive", "a_file is a file; choose another --output_dir"):
+        assert problem in message, problem
+    with pytest.raises(ValueError, match=r"--embed_dim 33 is not a multiple of --num_heads 2"):
+        main(parse(image_folder, tmp_path / "run", "--embed_dim", "33", "--num_heads", "2"))
+    with pytest.raises(ValueError, match=r"--output_dir .*a_file/run cannot be a folder"):
+        main(parse(image_folder, tmp_path / "a_file" / "run"))
+    # Zero is meaningful for both (no clipping; a frozen student), so it stays allowed.
+    patch_wise_dino.validate_args(parse(image_folder, tmp_path / "run", "--clip_grad", "0", "--lr", "0"))

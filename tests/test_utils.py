@@ -1,6 +1,7 @@
 """Shared helpers: schedules, parameter groups, optimisers, clipping, EMA, atomic saves, arguments."""
 import argparse
 import math
+import os
 
 import numpy as np
 import pytest
@@ -205,3 +206,116 @@ def test_first_non_finite_names_the_first_bad_tensor():
              "c.bias": torch.tensor([math.nan])}
     assert utils.first_non_finite(state) == "b.weight"
     assert utils.first_non_finite({"a.weight": torch.zeros(3), "count": 7}) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing and reading images.
+# ----------------------------------------------------------------------------------------------
+def save_pixels(path, pixels=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8) if pixels is None else pixels).save(path)
+    return path
+
+
+def test_hidden_files_and_folders_are_never_listed(tmp_path):
+    flat = tmp_path / "flat"
+    expected = [save_pixels(flat / f"{i}.png") for i in range(3)]
+    save_pixels(flat / ".ipynb_checkpoints" / "0-checkpoint.png")
+    save_pixels(flat / ".hidden.png")
+    assert utils.list_images(flat) == expected
+    assert utils.list_image_files(flat) == expected  # was: the checkpoint copy alone
+    classes = tmp_path / "classes"
+    for name in ("a", "b", ".cache"):
+        save_pixels(classes / name / "0.png")
+    save_pixels(classes / "a" / ".thumbs" / "0.png")
+    dataset = utils.ImageFolderDataset(str(classes))
+    assert dataset.classes == ["a", "b"]
+    assert [os.path.relpath(path, classes) for path, _ in dataset.samples] == ["a/0.png", "b/0.png"]
+
+
+def test_images_beside_class_folders_are_refused_with_what_was_found(tmp_path):
+    for name in ("loose1.png", "loose2.jpg", "cat/0.png", "cat/1.png", "dog/0.png"):
+        save_pixels(tmp_path / name)
+    with pytest.raises(ValueError, match=r"mixes two layouts: 2 image file\(s\) directly inside it \(e.g. "
+                                         r"loose1.png, loose2.jpg\) and 3 image\(s\) in 2 class sub-folder\(s\)"
+                                         r".*Move the loose images into a class folder"):
+        utils.list_image_files(tmp_path)
+    with pytest.raises(ValueError, match="mixes two layouts"):
+        utils.ImageFolderDataset(str(tmp_path))
+    flat = tmp_path / "flat"
+    save_pixels(flat / "0.png")
+    (flat / "notes").mkdir()  # a sub-folder without images leaves a flat folder flat
+    assert utils.list_image_files(flat) == [flat / "0.png"]
+
+
+def test_symlink_loops_and_repeats_list_each_image_once_with_a_warning(tmp_path, capsys):
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        for index in range(8):
+            save_pixels(data / name / f"{index}.png")
+    os.symlink(data, data / "a" / "loop")  # back to the root: the loop that counted 16 images 656 times
+    os.symlink("..", data / "b" / "up")
+    os.symlink("../a", data / "b" / "a_again")
+    os.symlink("../a/0.png", data / "b" / "link.png")
+    files = utils.list_image_files(data)
+    assert len(files) == 16 and len({os.path.realpath(path) for path in files}) == 16
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: skipped 4 path(s)") and "a/loop" in warning and "b/link.png" in warning
+    os.symlink(".", data / "a" / "self")
+    assert len(utils.list_image_files(data / "a")) == 8  # a class folder used as a flat folder
+
+
+def test_a_linked_class_folder_is_followed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    save_pixels(elsewhere / "0.png")
+    save_pixels(tmp_path / "data" / "a" / "0.png")
+    os.symlink(elsewhere, tmp_path / "data" / "b")
+    dataset = utils.ImageFolderDataset(str(tmp_path / "data"))
+    assert dataset.classes == ["a", "b"] and [label for _, label in dataset.samples] == [0, 1]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their permissions")
+def test_an_unreadable_class_folder_is_named(tmp_path):
+    for name in ("a", "b"):
+        save_pixels(tmp_path / name / "0.png")
+    (tmp_path / "b").chmod(0)
+    try:
+        with pytest.raises(PermissionError, match=r"cannot read folder .*/b: Permission denied; make it readable"):
+            utils.list_image_files(tmp_path)
+    finally:
+        (tmp_path / "b").chmod(0o755)
+
+
+def test_an_unreadable_class_folder_is_named_also_as_root(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        for index in range(24):
+            save_pixels(tmp_path / name / f"{index}.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(tmp_path / "b"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # as chmod 000 would for any user but root
+    with pytest.raises(PermissionError, match=r"cannot read folder .*/b: Permission denied; make it readable"):
+        utils.list_image_files(tmp_path)  # was: the 24 images of a alone, silently
+    with pytest.raises(PermissionError, match="cannot read folder"):
+        utils.ImageFolderDataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("values,expected", [
+    (np.array([[0.0, 0.5, 1.0]], np.float32), [0, 128, 255]),  # F within [0, 1]: times 255
+    (np.array([[-1.0, 1.0, 3.0]], np.float32), [0, 128, 255]),  # F outside: its own range
+    (np.array([[5.0, 5.0, 5.0]], np.float32), [0, 0, 0]),  # constant outside [0, 1]: black
+    (np.array([[np.nan, 0.5, 1.0]], np.float32), [0, 128, 255]),  # NaN counts as 0
+    (np.array([[0, 100000, 200000]], np.int32), [0, 128, 255]),  # I above 65535: its own range
+    (np.array([[0, 32768, 65535]], np.int32), [0, 128, 255]),  # I within 16 bits: 16-bit scale
+])
+def test_32_bit_tiffs_are_scaled_to_8_bits(tmp_path, values, expected):
+    path = tmp_path / "deep.tif"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as image:
+        assert image.mode == ("F" if values.dtype == np.float32 else "I")
+    converted = utils.read_rgb_image(path)
+    assert converted.mode == "RGB" and np.asarray(converted)[0, :, 0].tolist() == expected

@@ -172,3 +172,60 @@ def test_head_norm_last_layer_freezes_the_scale():
     torch.testing.assert_close(free.last_layer.weight_g, torch.ones(10, 1))
     with pytest.raises(ValueError, match="nlayers"):
         DINOHead(32, 10, nlayers=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading evaluation weights: refused when not finite or when they would need unsafe unpickling.
+# ----------------------------------------------------------------------------------------------
+def tiny_backbone_state(poison: dict) -> dict:
+    """A tiny backbone's state dict with ``poison`` ({name: value}) written into element 0 of those tensors."""
+    state = vits.vit_tiny(patch_size=4, img_size=16, **TINY).state_dict()
+    for name, value in poison.items():
+        state[name].view(-1)[0] = value
+    return state
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    model = vits.vit_tiny(patch_size=4, img_size=16, **TINY)
+    torch.save(tiny_backbone_state({"blocks.1.mlp.fc1.bias": float("inf"), "norm.weight": float("nan")}),
+               tmp_path / "backbone.pth")
+    with pytest.raises(RuntimeError, match=r"weights in .*backbone.pth are not finite: tensor blocks.1.mlp.fc1.bias "
+                                           r"holds NaN or infinity; the file is damaged") as error:
+        vits.load_pretrained_weights(model, str(tmp_path / "backbone.pth"))
+    assert "training checkpoint" not in str(error.value)
+    run = tmp_path / "run"
+    run.mkdir()
+    teacher = {f"backbone.{k}": v for k, v in tiny_backbone_state({"pos_embed": float("nan")}).items()}
+    torch.save({"student": teacher, "teacher": teacher, "optimizer": {}, "epoch": 7}, run / "checkpoint.pth")
+    torch.save({}, run / "checkpoint0004.pth")  # an earlier periodic copy of the same run
+    with pytest.raises(RuntimeError, match=r"tensor pos_embed holds NaN or infinity; this is a training checkpoint "
+                                           r"\(epoch 7\): the training run diverged before it was written; evaluate an "
+                                           r"earlier checkpoint00NN.pth of the same run \(in that folder: "
+                                           r"checkpoint0004.pth\)") as error:
+        vits.load_pretrained_weights(model, str(run / "checkpoint.pth"))
+    assert "--lr" not in str(error.value)
+    assert all(torch.isfinite(value).all() for value in model.state_dict().values())  # nothing was loaded
+
+
+class Payload:
+    """Unpickling this would create a folder: a stand-in for code a foreign pickle could run."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        import os
+        return os.makedirs, (self.folder,)
+
+
+def test_files_needing_other_python_objects_are_refused_unloaded(tmp_path):
+    marker = tmp_path / "created_by_unpickling"
+    torch.save({"teacher": tiny_backbone_state({}), "extra": Payload(marker)}, tmp_path / "foreign.pth")
+    with pytest.raises(RuntimeError, match=r"weights .*foreign.pth holds Python objects of type os.makedirs; they "
+                                           r"are not loaded, because unpickling them could run arbitrary code"):
+        vits.load_pretrained_weights(vits.vit_tiny(patch_size=4, img_size=16, **TINY), str(tmp_path / "foreign.pth"))
+    assert not marker.exists()
+    model = vits.vit_tiny(patch_size=4, img_size=16, **TINY)
+    torch.save(model, tmp_path / "whole_model.pth")  # the module itself, not its state dict
+    with pytest.raises(RuntimeError, match=r"holds Python objects of type .*vision_transformer.VisionTransformer"):
+        vits.load_pretrained_weights(model, str(tmp_path / "whole_model.pth"))
