@@ -52,6 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop at the start, naming the argument, on settings that cannot give a meaningful mAP."""
+    vits.validate_backbone_args(args)
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1 (results retrieved per query), got {args.topk}: with none "
                          "retrieved every query's AP would be 0")

@@ -54,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop at the start, naming the argument, when images would be smaller than one patch."""
+    vits.validate_backbone_args(args)
     smallest = smallest_side(args.imsize, args.multiscale)
     if smallest < args.patch_size:
         scale = " at the 1/2 scale of --multiscale" if args.multiscale else ""

@@ -8,14 +8,19 @@ names), wrapped so that it behaves like DINO's ``vision_transformer.VisionTransf
 * ``model.get_last_selfattention(x)`` returns the last block's attention ``[B, heads, 1+N, 1+N]``;
 * ``model.get_intermediate_layers(x, n)`` returns the last ``n`` block outputs, each normalised;
 * any input whose sides are multiples of the patch size works: the position embeddings of the
-  native grid (``img_size // patch_size`` per side) are resampled bicubically to the input's grid.
+  native grid (``img_size // patch_size`` per side) are resampled bicubically to the input's grid
+  exactly as DINO does it (``resample_pos_embed``), so DINO's weights give DINO's features at every size.
 
 A DINO backbone state dict (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.*``,
 ``norm.*``) loads with ``strict=True``; so does a timm ViT state dict without its classifier.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import re
+import urllib.error
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +38,8 @@ class VisionTransformer(TimmVisionTransformer):
     """timm's ViT with DINO's forward interface and size-agnostic position embeddings.
 
     Args:
-        img_size: side of the image the position embeddings are learned for (the native size).
+        img_size: side of the image the position embeddings are learned for (the native size);
+            ``load_pretrained_weights`` replaces it by the side the loaded weights were learned for.
         patch_size: side of a square patch in pixels.
         **kwargs: anything timm's ``VisionTransformer`` takes (``embed_dim``, ``depth``,
             ``num_heads``, ``drop_path_rate``, ...). ``num_classes`` defaults to 0 (no classifier).
@@ -71,10 +77,12 @@ class VisionTransformer(TimmVisionTransformer):
         return self.pos_drop(tokens + self.resample_pos_embed(grid_h, grid_w))
 
     def resample_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Position embeddings ``[1, 1 + grid_h * grid_w, D]`` for a ``grid_h x grid_w`` patch grid.
+        """Position embeddings ``[1, 1 + grid_h * grid_w, D]`` for a ``grid_h x grid_w`` patch grid, as DINO's
+        ``interpolate_pos_encoding`` computes them.
 
-        The native grid is returned unchanged; other grids are resampled bicubically (no
-        antialiasing, as DINO does), in float32 whatever the parameter dtype.
+        The native grid is returned unchanged. Any other grid is resampled bicubically (no antialiasing)
+        with DINO's scale factors ``(grid + 0.1) / native``, rows from the input's height and columns
+        from its width, in float32 whatever the parameter dtype.
         """
         native_h, native_w = self.patch_embed.grid_size
         if (grid_h, grid_w) == (native_h, native_w):
@@ -82,9 +90,30 @@ class VisionTransformer(TimmVisionTransformer):
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         dim = patch_pos.shape[-1]
         patch_pos = patch_pos.float().reshape(1, native_h, native_w, dim).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        # Not size=(grid_h, grid_w): given a scale factor, PyTorch samples output i at input position
+        # (i + 0.5) / scale - 0.5, and DINO's weights were trained and evaluated with this nudged scale.
+        # The output has floor(native * scale) = grid samples per axis.
+        scale = ((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w)
+        patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", align_corners=False)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
         return torch.cat([cls_pos, patch_pos.to(cls_pos.dtype)], dim=1)
+
+    def set_native_grid(self, num_patches: int) -> None:
+        """Make the native grid square with ``num_patches`` patches; ``pos_embed`` becomes
+        ``[1, 1 + num_patches, D]`` (zeros, for weights of that grid to be loaded into).
+
+        Weights learned on another grid keep it, and every input size is resampled from it at forward
+        time, as DINO does (its model stays at 224 px): resampling them once at load and again for
+        inputs of other sizes would give numbers other than DINO's.
+        """
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(f"position embeddings of {num_patches} patches do not form a square grid")
+        self.patch_embed.set_input_size(img_size=side * self.patch_size)
+        self.pos_embed = nn.Parameter(self.pos_embed.new_zeros(1, 1 + num_patches, self.pos_embed.shape[-1]),
+                                      requires_grad=self.pos_embed.requires_grad)
+        print(f"Position embeddings keep the weights' {side}x{side} grid ({side * self.patch_size} px); "
+              f"other sizes are resampled from it at forward time, as in DINO", flush=True)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> input tokens of the first block ``[B, 1 + N, D]``."""
@@ -252,16 +281,18 @@ def _init_linear(module: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
 BACKBONE_SIZE_ARGS = ("embed_dim", "depth", "num_heads")
+DEFAULT_ARCH, DEFAULT_PATCH_SIZE = "vit_small", 16
 
 
 def add_backbone_args(parser) -> None:
     """The arguments that define a backbone, shared by training and every evaluation script."""
-    parser.add_argument("--arch", default="vit_small", choices=sorted(ARCHS),
-                        help="Backbone: vit_small is the usual choice, vit_tiny the fastest. When "
-                             "evaluating, it must match the weights.")
-    parser.add_argument("--patch_size", default=16, type=int,
-                        help="Patch side in pixels. Smaller patches give more tokens and better features at "
-                             "a quadratic attention cost; image and crop sides must be multiples of it.")
+    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS),
+                        help="Backbone: vit_small (default) is the usual choice, vit_tiny the fastest. When "
+                             "evaluating, it must match the weights; a reference-weights name sets it.")
+    parser.add_argument("--patch_size", default=DEFAULT_PATCH_SIZE, type=int,
+                        help="Patch side in pixels (default 16). Smaller patches give more tokens and better "
+                             "features at a quadratic attention cost; image and crop sides must be multiples of "
+                             "it. When evaluating, a reference-weights name sets it.")
     parser.add_argument("--embed_dim", default=None, type=int, help="Override the architecture's width (tiny models).")
     parser.add_argument("--depth", default=None, type=int, help="Override the architecture's number of blocks.")
     parser.add_argument("--num_heads", default=None, type=int, help="Override the architecture's number of heads.")
@@ -285,8 +316,10 @@ def check_backbone_args(args) -> list[str]:
 
 
 def validate_backbone_args(args) -> None:
-    """Raise a ``ValueError`` listing ``check_backbone_args``'s problems, if any (for an evaluation's
-    ``validate_args``, and before any model is built)."""
+    """Fill in ``--arch`` and ``--patch_size`` where not given (``resolve_backbone_args``), then raise a
+    ``ValueError`` listing ``check_backbone_args``'s problems, if any (for an evaluation's ``validate_args``,
+    and before any model is built)."""
+    resolve_backbone_args(args)
     problems = check_backbone_args(args)
     if problems:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
@@ -320,27 +353,19 @@ def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key:
     """Load backbone weights strictly; a mismatch stops with the missing and unexpected keys, and weights
     holding NaN or infinity stop with the first such tensor (every evaluation loads through here).
 
-    Position embeddings learned for another native grid are resampled (bicubic) to the model's.
+    ``path`` is a file, or a name of ``REFERENCE_WEIGHTS`` (read from torch's hub cache, downloaded there on
+    first use). Weights learned on another grid keep it (``set_native_grid``): inputs of every size are
+    resampled from it at forward time, as DINO does.
     """
+    path = resolve_weights_path(path)
     checkpoint = utils.load_checkpoint(path, what="weights")
     state = backbone_state_dict(checkpoint, checkpoint_key)
     _raise_on_non_finite(state, checkpoint, path)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
-        state["pos_embed"] = resample_pos_embed_tensor(state["pos_embed"], model.pos_embed.shape[1] - 1)
+        model.set_native_grid(state["pos_embed"].shape[1] - 1)
     _raise_on_mismatch(model, state, path)
     model.load_state_dict(state, strict=True)
     print(f"Loaded {len(state)} backbone tensors from {path} (key '{checkpoint_key}')", flush=True)
-
-
-def resample_pos_embed_tensor(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """``[1, 1 + n^2, D]`` position embeddings resampled to ``[1, 1 + num_patches, D]`` (square grids)."""
-    old_side, new_side = math.isqrt(pos_embed.shape[1] - 1), math.isqrt(num_patches)
-    if old_side ** 2 != pos_embed.shape[1] - 1 or new_side ** 2 != num_patches:
-        raise ValueError(f"cannot resample position embeddings of {pos_embed.shape[1]} tokens to 1 + {num_patches}")
-    grid = pos_embed[:, 1:].float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
-    print(f"Resampled position embeddings from a {old_side}x{old_side} to a {new_side}x{new_side} grid", flush=True)
-    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, num_patches, -1).to(pos_embed.dtype)], 1)
 
 
 # Keys of a full training checkpoint (ours and DINO's), as opposed to exported backbone weights.
@@ -388,7 +413,8 @@ def build_frozen_backbone(args, img_size: int) -> VisionTransformer:
     ``args.random_init``, deliberately random ones; in eval mode without gradients."""
     if bool(args.pretrained_weights) == bool(args.random_init):
         raise ValueError("give either --pretrained_weights PATH or --random_init (a random-weights baseline); "
-                         "nothing is ever downloaded")
+                         "instead of a PATH, a name of DINO's released weights (" + ", ".join(REFERENCE_WEIGHTS)
+                         + ") downloads them once, and nothing is downloaded otherwise")
     with torch.random.fork_rng():  # the random baseline is the same in every run (seed 0)
         torch.manual_seed(0)
         model = build_backbone(args, img_size=img_size)
@@ -403,11 +429,138 @@ def build_frozen_backbone(args, img_size: int) -> VisionTransformer:
 
 
 def add_weights_args(parser) -> None:
-    """The arguments that pick evaluation weights."""
+    """The arguments that pick evaluation weights; call after ``add_backbone_args``.
+
+    ``--arch`` and ``--patch_size`` then default to None ("not given"), so that a reference-weights name
+    can set them and an explicit value that contradicts it is caught (``resolve_backbone_args``).
+    """
+    names = ", ".join(f"{name} ({entry.arch}, patch {entry.patch_size}: {entry.description})"
+                      for name, entry in REFERENCE_WEIGHTS.items())
     parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Weights to evaluate: our or DINO's training checkpoint, or a backbone-only "
-                             "state dict (DINO or timm layout).")
+                        help="Weights to evaluate: the path of our or DINO's training checkpoint or of a "
+                             "backbone-only state dict (DINO or timm layout); or the name of DINO's released "
+                             f"weights, which also sets --arch and --patch_size: {names}. A name is downloaded "
+                             "once into torch's hub cache ($TORCH_HOME/hub/checkpoints) and read from there.")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help="Which weights of a full checkpoint to use: teacher (usual) or student.")
     parser.add_argument("--random_init", action="store_true",
                         help="Evaluate randomly initialised weights instead (a baseline).")
+    parser.set_defaults(arch=None, patch_size=None)
+
+
+def pretrained_backbone(arch: str, patch_size: int | None = None, pretrained_weights: str = "",
+                        checkpoint_key: str = "teacher", img_size: int = 224, embed_dim: int | None = None,
+                        depth: int | None = None, num_heads: int | None = None) -> VisionTransformer:
+    """The backbone ``arch`` with ``pretrained_weights`` loaded (torch.hub's entries, see ``hubconf.py``).
+
+    ``pretrained_weights`` is a path or a ``REFERENCE_WEIGHTS`` name, resolved, checked and loaded as in the
+    evaluations; without it the weights are random (timm's initialisation). ``patch_size`` None takes the
+    name's patch size, else 16. The model is returned trainable, in training mode, like DINO's hub models.
+    """
+    args = argparse.Namespace(arch=arch, patch_size=patch_size, pretrained_weights=pretrained_weights,
+                              embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    model = build_backbone(args, img_size=img_size)
+    if pretrained_weights:
+        load_pretrained_weights(model, pretrained_weights, checkpoint_key)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference weights by name: DINO's released backbones, fetched only when named.
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReferenceWeights:
+    """Released backbone-only weights (a plain DINO-layout state dict) that a name stands for."""
+
+    url: str
+    arch: str
+    patch_size: int
+    description: str
+
+    @property
+    def file_name(self) -> str:
+        """The file's name in the cache: the URL's last part, as ``torch.hub.load_state_dict_from_url`` keeps it."""
+        return self.url.rsplit("/", 1)[-1]
+
+
+# The URLs of DINO's hubconf.py, README and eval_image_retrieval.py.
+_DINO_RELEASES = "https://dl.fbaipublicfiles.com/dino/"
+REFERENCE_WEIGHTS = {
+    "dino_vits16": ReferenceWeights(_DINO_RELEASES + "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+                                    "vit_small", 16, "DINO ViT-S/16 on ImageNet"),
+    "dino_vits8": ReferenceWeights(_DINO_RELEASES + "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+                                   "vit_small", 8, "DINO ViT-S/8 on ImageNet"),
+    "dino_vitb16": ReferenceWeights(_DINO_RELEASES + "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+                                    "vit_base", 16, "DINO ViT-B/16 on ImageNet"),
+    "dino_vitb8": ReferenceWeights(_DINO_RELEASES + "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+                                   "vit_base", 8, "DINO ViT-B/8 on ImageNet"),
+    "dino_vits16_gldv2": ReferenceWeights(
+        _DINO_RELEASES + "dino_vitsmall16_googlelandmark_pretrain/dino_vitsmall16_googlelandmark_pretrain.pth",
+        "vit_small", 16, "DINO ViT-S/16 on Google Landmarks v2, DINO's image-retrieval model"),
+}
+
+
+def reference_weights(value: str) -> ReferenceWeights | None:
+    """The entry that ``value`` (a ``--pretrained_weights`` value) names, or None for a path.
+
+    An unknown name that looks like one (``dino_`` and a word, no such file) is an error listing the known
+    names; anything else stays a path, so nothing is fetched without a known name.
+    """
+    if value in REFERENCE_WEIGHTS:
+        return REFERENCE_WEIGHTS[value]
+    if re.fullmatch(r"dino_\w+", value) and not Path(value).exists():
+        raise ValueError(f"unknown reference weights '{value}'; the known names are "
+                         f"{', '.join(REFERENCE_WEIGHTS)} (or give the path of a weights file)")
+    return None
+
+
+def resolve_backbone_args(args) -> None:
+    """Set ``args.arch`` and ``args.patch_size`` where not given (None): those of the reference weights
+    named by ``args.pretrained_weights``, else vit_small and 16. A given value that contradicts the name
+    is a ``ValueError`` naming both (the strict load would fail later, after a download)."""
+    name = getattr(args, "pretrained_weights", "") or ""
+    entry = reference_weights(name)
+    implied = {"arch": DEFAULT_ARCH, "patch_size": DEFAULT_PATCH_SIZE}
+    if entry:
+        implied = {"arch": entry.arch, "patch_size": entry.patch_size}
+        contradicting = [f"--{key} {getattr(args, key, None)}" for key, value in implied.items()
+                         if getattr(args, key, None) not in (None, value)]
+        if contradicting:
+            verb = "contradicts" if len(contradicting) == 1 else "contradict"
+            raise ValueError(f"{' and '.join(contradicting)} {verb} --pretrained_weights {name}, a "
+                             f"{entry.arch} with patch size {entry.patch_size} ({entry.description}); "
+                             "leave out --arch and --patch_size to take the name's")
+    for key, value in implied.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def reference_weights_path(name: str) -> Path:
+    """Where the file of reference weights ``name`` is kept: torch's hub cache, ``$TORCH_HOME/hub/checkpoints``
+    (the folder ``torch.hub.load_state_dict_from_url`` and DINO's hub entries use, so their files are reused)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / REFERENCE_WEIGHTS[name].file_name
+
+
+def download_reference_weights(name: str) -> None:
+    """Download reference weights ``name`` into the cache unless already there; offline, an error that
+    gives the URL and the exact path to place the file at."""
+    entry, path = REFERENCE_WEIGHTS[name], reference_weights_path(name)
+    if path.is_file():
+        return
+    print(f"Downloading {name} ({entry.description}) from {entry.url} to {path}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Written to a temporary file and renamed when complete: an interrupted download leaves no file.
+        torch.hub.download_url_to_file(entry.url, str(path))
+    except (urllib.error.URLError, OSError) as error:
+        raise RuntimeError(f"cannot download reference weights {name} from {entry.url} ({error}); without network "
+                           f"access, download that file elsewhere and place it at {path}") from error
+
+
+def resolve_weights_path(value: str) -> str:
+    """The file to read for a ``--pretrained_weights`` value: a reference name's cached file (downloaded by
+    rank 0 on first use while the other processes wait), or the value itself as a path."""
+    if reference_weights(value) is None:
+        return value
+    utils.run_on_main_process(lambda: download_reference_weights(value))
+    return str(reference_weights_path(value))

@@ -74,3 +74,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def dino_backbone_state(patch_size: int = 4, embed_dim: int = 32, depth: int = 1, grid: int = 4, seed: int = 0) -> dict:
+    """Random backbone weights laid out as DINO's released files (e.g. ``dino_deitsmall16_pretrain.pth``): a
+    plain state dict of cls_token, pos_embed (``1 + grid^2`` tokens), patch_embed.proj.*, blocks.{i}.*, norm.*,
+    and no head. Written from DINO's names and shapes, not from our model, so that a loader test is a real check."""
+    dim, hidden = embed_dim, 4 * embed_dim
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + grid * grid, dim),
+              "patch_embed.proj.weight": (dim, 3, patch_size, patch_size), "patch_embed.proj.bias": (dim,)}
+    block_shapes = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
+                    "attn.qkv.bias": (3 * dim,), "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,),
+                    "norm2.weight": (dim,), "norm2.bias": (dim,), "mlp.fc1.weight": (hidden, dim),
+                    "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (dim, hidden), "mlp.fc2.bias": (dim,)}
+    for block in range(depth):
+        shapes.update({f"blocks.{block}.{name}": shape for name, shape in block_shapes.items()})
+    shapes.update({"norm.weight": (dim,), "norm.bias": (dim,)})
+    generator = torch.Generator().manual_seed(seed)
+    return {name: 0.02 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}

@@ -12,6 +12,21 @@ from vision_transformer import DINOHead
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
 
+def dino_pos_encoding(pos_embed, patch_size, image_shape):
+    """DINO's ``interpolate_pos_encoding`` restated, variable names included: DINO unpacks
+    ``B, nc, w, h = x.shape``, so its ``w`` is the image height (rows) and its ``h`` the width."""
+    _, _, w, h = image_shape
+    num = pos_embed.shape[1] - 1
+    w0, h0 = w // patch_size, h // patch_size
+    if w0 * h0 == num and w == h:
+        return pos_embed
+    side = int(math.sqrt(num))
+    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((w0 + 0.1) / math.sqrt(num), (h0 + 0.1) / math.sqrt(num)),
+                         mode="bicubic")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, w0 * h0, -1)], dim=1)
+
+
 class ReferenceDinoViT(nn.Module):
     """DINO's ViT written out by hand (explicit attention), with DINO's parameter names."""
 
@@ -36,18 +51,6 @@ class ReferenceDinoViT(nn.Module):
         for parameter in self.parameters():  # non-trivial norms and biases too
             nn.init.normal_(parameter, std=0.2)
 
-    def pos_encoding(self, height, width):
-        # DINO resamples with a scale factor nudged by 0.1 patch to dodge floating point error.
-        native = int(math.sqrt(self.pos_embed.shape[1] - 1))
-        grid_h, grid_w = height // self.patch_size, width // self.patch_size
-        if grid_h == grid_w == native:
-            return self.pos_embed
-        patch_pos = self.pos_embed[:, 1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native, (grid_w + 0.1) / native),
-                                  mode="bicubic")
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
-        return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
-
     def attention(self, attn, x):
         batch, tokens, dim = x.shape
         q, k, v = attn.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -56,7 +59,8 @@ class ReferenceDinoViT(nn.Module):
 
     def forward_all(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_encoding(*images.shape[-2:])
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        x = x + dino_pos_encoding(self.pos_embed, self.patch_size, images.shape)
         outputs, last_weights = [], None
         for block in self.blocks:
             attended, last_weights = self.attention(block.attn, block.norm1(x))
@@ -89,14 +93,56 @@ def test_dino_state_dict_loads_strictly_and_outputs_match_at_native_size(model_a
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("height, width", [(96, 96), (64, 160), (272, 240)])
-def test_other_sizes_differ_from_dino_only_by_interpolation(model_and_reference, height, width):
+def relative_max_error(ours, theirs):
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (96, 96), (480, 480), (64, 160), (160, 64), (320, 256),
+                                           (112, 448)])
+def test_every_size_gives_dino_outputs(model_and_reference, height, width):
     model, reference = model_and_reference
     images = torch.randn(2, 3, height, width)
     with torch.no_grad():
-        ours, theirs = model.forward_features(images), reference.forward_all(images)[0][-1]
+        (*_, theirs), weights = reference.forward_all(images)
+        ours = model.forward_features(images)
+        attention = model.get_last_selfattention(images)
     assert ours.shape == (2, 1 + (height // 16) * (width // 16), 32)
-    assert ((ours - theirs).norm() / theirs.norm()).item() < 0.03
+    assert relative_max_error(ours[:, 0], theirs[:, 0]) < 1e-5
+    assert relative_max_error(ours[:, 1:], theirs[:, 1:]) < 1e-5
+    torch.testing.assert_close(attention, weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid_h, grid_w", [(2, 2), (6, 6), (20, 20), (1, 1), (20, 16), (16, 20), (7, 28),
+                                            (28, 7), (3, 40)])
+def test_position_embeddings_are_resampled_exactly_as_dino(grid_h, grid_w):
+    torch.manual_seed(0)
+    model = vits.vit_small(patch_size=16, embed_dim=32, depth=1, num_heads=2)  # native grid 14x14
+    expected = dino_pos_encoding(model.pos_embed, 16, (1, 3, grid_h * 16, grid_w * 16))
+    with torch.no_grad():
+        assert torch.equal(model.resample_pos_embed(grid_h, grid_w), expected)
+    assert model.resample_pos_embed(14, 14) is model.pos_embed  # the native grid is used as it is
+
+
+def test_position_embeddings_resample_in_float32_for_bfloat16_parameters():
+    model = vits.vit_small(patch_size=16, embed_dim=32, depth=1, num_heads=2).to(torch.bfloat16)
+    expected = dino_pos_encoding(model.pos_embed.float(), 16, (1, 3, 96, 160)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model.resample_pos_embed(6, 10), expected)
+
+
+def test_weights_of_another_grid_keep_it_and_give_dino_outputs(tmp_path, model_and_reference):
+    _, reference = model_and_reference  # native grid 14x14 (224 px)
+    torch.save(reference.state_dict(), tmp_path / "dino.pth")
+    model = vits.vit_small(patch_size=16, img_size=480, **TINY).eval()
+    vits.load_pretrained_weights(model, str(tmp_path / "dino.pth"))
+    assert torch.equal(model.pos_embed, reference.pos_embed) and model.patch_embed.grid_size == (14, 14)
+    for height, width in [(480, 480), (512, 384), (224, 224)]:
+        images = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            ours, theirs = model.forward_features(images), reference.forward_all(images)[0][-1]
+        assert relative_max_error(ours, theirs) < 1e-5
+    with pytest.raises(ValueError, match="position embeddings of 12 patches do not form a square grid"):
+        model.set_native_grid(12)
 
 
 @pytest.mark.parametrize("factory, width, heads", [(vits.vit_tiny, 192, 3), (vits.vit_small, 384, 6),
