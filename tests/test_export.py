@@ -201,3 +201,11 @@ def test_printed_dino_call_for_a_standard_model_is_dinos_own():
     assert "model = vits.vit_base(patch_size=8, num_classes=0)\n" in usage
     assert "python eval_knn.py --arch vit_base --patch_size 8 --pretrained_weights pwself_vitb8.pth" in usage
     assert "img_size=[112]" in export_backbone.dino_usage(args, img_size=112)
+
+
+def test_parity_check_names_a_folder_that_is_not_a_dino_clone(tmp_path):
+    import check_dino_parity
+
+    args = check_dino_parity.get_args_parser().parse_args(["--dino_path", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="clone of github.com/facebookresearch/dino"):
+        check_dino_parity.main(args)
