@@ -40,6 +40,7 @@ import eval_knn
 import eval_linear
 import patch_wise_dino
 import utils
+import vision_transformer as vits
 
 BASE_METHODS = {"dino": ["--patch_loss", "false"], "pwself": ["--patch_loss", "true"]}
 RANDOM = "random"
@@ -234,9 +235,8 @@ def settings_differences(before: dict, now: dict, extend: bool) -> list[str]:
 def backbone_argv(run: Run) -> list[str]:
     """The evaluation scripts' backbone and weights arguments for ``run``'s model."""
     argv = ["--arch", run.train.arch, "--patch_size", str(run.train.patch_size)]
-    for name in ("embed_dim", "depth", "num_heads"):
-        if getattr(run.train, name) is not None:
-            argv += [f"--{name}", str(getattr(run.train, name))]
+    for name, value in vits.size_overrides(run.train).items():
+        argv += [f"--{name}", str(value)]
     if run.seed is None:
         return argv + ["--random_init"]
     return argv + ["--pretrained_weights", str(run.folder / "train" / "checkpoint.pth"), "--checkpoint_key", "teacher"]

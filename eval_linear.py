@@ -288,8 +288,7 @@ def resume(probe: Probe, checkpoint_path: Path, log_path: Path) -> tuple[int, di
         start_epoch, best = checkpoint["epoch"], checkpoint["best"]
         print(f"Resumed linear heads from {checkpoint_path} at epoch {start_epoch}")
     if utils.is_main_process():
-        for stale in utils.remove_stale_temporaries(checkpoint_path.parent):
-            print(f"Removed {stale}, left by a process killed while writing it", flush=True)
+        utils.remove_stale_temporaries(checkpoint_path.parent)
         utils.trim_epoch_log(log_path, start_epoch)
     return start_epoch, best
 

@@ -78,14 +78,9 @@ def load_native_backbone(args: argparse.Namespace) -> vits.VisionTransformer:
     return model.eval()
 
 
-def size_overrides(args: argparse.Namespace) -> dict:
-    """The ``--embed_dim`` / ``--depth`` / ``--num_heads`` overrides that were set."""
-    return {name: getattr(args, name) for name in vits.BACKBONE_SIZE_ARGS if getattr(args, name) is not None}
-
-
 def timm_kwargs(args: argparse.Namespace, img_size: int) -> dict:
     """Keyword arguments of ``timm.create_model`` (after the model name) for the model of the timm export."""
-    return dict(pretrained=False, patch_size=args.patch_size, img_size=img_size, **size_overrides(args),
+    return dict(pretrained=False, patch_size=args.patch_size, img_size=img_size, **vits.size_overrides(args),
                 num_classes=0)
 
 
@@ -136,7 +131,7 @@ def check_dino_keys(state: dict, depth: int) -> None:
 
 def dino_usage(args: argparse.Namespace, img_size: int) -> str:
     """The Python lines (in a clone of facebookresearch/dino) that load the DINO export, as printed for users."""
-    overrides = size_overrides(args)
+    overrides = vits.size_overrides(args)
     if overrides:  # DINO's vit_* fix the width, depth and heads, so another size needs the class itself
         sizes = {**vits.ARCH_SIZES[args.arch], **overrides}
         build = ("vits.VisionTransformer(" + ", ".join(f"{name}={value}" for name, value in sizes.items()) +

@@ -1165,8 +1165,7 @@ def claim_output_dir(output_dir: Path, held: contextlib.ExitStack) -> None:
     none of them is another live run's checkpoint in flight."""
     output_dir.mkdir(parents=True, exist_ok=True)
     held.enter_context(utils.folder_lock(output_dir))
-    for stale in utils.remove_stale_temporaries(output_dir):
-        print(f"Removed {stale}, left by a process killed while writing it", flush=True)
+    utils.remove_stale_temporaries(output_dir)
 
 
 def start_or_resume(output_dir: Path, trainer: Trainer) -> ResumePoint:

@@ -584,13 +584,14 @@ def _free_space(folder: Path) -> str:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporaries of ``write_atomic`` calls that were killed mid-write in ``folder``; returns them.
+    """Delete (and report) the temporaries of ``write_atomic`` calls killed mid-write in ``folder``; returns them.
 
     Only the holder of ``folder``'s ``folder_lock`` may call it: another live process's temporary is in flight.
     """
     stale = sorted(p for p in Path(folder).glob(".*.tmp.*") if p.is_file())
     for path in stale:
         path.unlink(missing_ok=True)
+        print(f"Removed {path}, left by a process killed while writing it", flush=True)
     return stale
 
 

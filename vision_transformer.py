@@ -325,11 +325,16 @@ def validate_backbone_args(args) -> None:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
 
 
+def size_overrides(args) -> dict:
+    """The ``--embed_dim`` / ``--depth`` / ``--num_heads`` overrides set in ``args``."""
+    return {name: getattr(args, name) for name in BACKBONE_SIZE_ARGS if getattr(args, name, None) is not None}
+
+
 def build_backbone(args, img_size: int = 224, drop_path_rate: float = 0.0) -> VisionTransformer:
     """The ViT named by ``args.arch`` / ``args.patch_size`` with any size overrides in ``args``."""
     validate_backbone_args(args)
-    overrides = {name: getattr(args, name) for name in BACKBONE_SIZE_ARGS if getattr(args, name, None) is not None}
-    return ARCHS[args.arch](patch_size=args.patch_size, img_size=img_size, drop_path_rate=drop_path_rate, **overrides)
+    return ARCHS[args.arch](patch_size=args.patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
+                            **size_overrides(args))
 
 
 def backbone_state_dict(checkpoint: dict, checkpoint_key: str = "teacher") -> dict:
