@@ -2,6 +2,8 @@
 #             patch-matching figure, training curves), in about 9 minutes on 2 cores.
 # make compare : PW-Self against DINO on Fashion-MNIST, 3 seeds each, k-NN / linear / correspondence, one
 #             table (compare_output/comparison.md), in about 26 minutes on 2 cores; reruns reuse what is done.
+# make compare-ablation : after make compare, the 2024 method's parts in the same table: PW-Self with patch-level
+#             photometric augmentation and PW-Self with a separate patch head (3 seeds each), about 1 hour on 2 cores.
 # make compare-more : after make compare, the investigations of README "Results" (CLS weight, matching rule,
 #             10 epochs, patch 4), about 1 hour 40 minutes on 2 cores.
 # make compare-cifar10 CIFAR10=path/to/cifar-10-python.tar.gz : the same on CIFAR-10 at 32 px, patch 4, on a GPU
@@ -26,7 +28,7 @@ CIFAR_RECIPE := --arch vit_small --patch_size 4 --global_crops_size 32 --local_c
 	--out_dim 8192 --batch_size_per_gpu 256 --epochs 100 --warmup_epochs 10 --lr 0.001 --momentum_teacher 0.99 \
 	--teacher_temp 0.04 --warmup_teacher_temp 0.04 --print_freq 50
 
-.PHONY: setup test demo compare compare-more compare-cifar10 fashion-mnist clean-demo bench-gpu
+.PHONY: setup test demo compare compare-ablation compare-more compare-cifar10 fashion-mnist clean-demo bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -62,6 +64,10 @@ COMPARE_RUN := $(PY) compare.py --data_path $(COMPARE_DATA) --seeds 3 --linear_l
 compare: setup fashion-mnist
 	$(PY) prepare_data.py --dataset fashion_mnist --output_dir $(COMPARE_DATA) --limit_per_class 200 --holdout 100
 	$(COMPARE_RUN) --output_dir $(COMPARE)
+
+compare-ablation: compare
+	$(COMPARE_RUN) --output_dir $(COMPARE) --extend --variant "patch_augment=--patch_augment true" \
+		--variant "separate_head=--patch_head separate"
 
 compare-more: compare
 	test -d compare_more || cp -r $(COMPARE) compare_more

@@ -10,8 +10,10 @@ One command prints one table (and ``--json`` writes it). Parts (``--parts``):
   ``--gpu_augment`` take several values: every combination is a row.
 * ``data``: the training loader (``TrainingImages``: decode and per-sample seeding; multi-crop with
   geometry; collate; pinning) on a folder of photos with ``--num_workers`` processes.
-* ``augment``: one process and one thread: our augmentation (with and without its photometric part)
-  against DINO's recipe built from stock torchvision transforms, decode included, images per second.
+* ``augment``: one process and one thread: our augmentation (with and without its photometric part,
+  and with ``--patch_augment true`` also with the patch-level photometrics on ``--patch_size`` tiles)
+  against DINO's recipe built from stock torchvision transforms, decode included, images (and views)
+  per second.
 * ``matching``: the batched patch matching of a batch (every view pair), as the step runs it.
 
 On one H100, the issue's table:
@@ -45,8 +47,8 @@ from torchvision.transforms import InterpolationMode
 
 import utils
 import vision_transformer as vits
-from patch_wise_dino import (TrainingImages, build_trainer, compute_matches, get_args_parser as training_parser,
-                             matched_pairs)
+from patch_wise_dino import TrainingImages, build_trainer, get_args_parser as training_parser
+from pwself_loss import compute_matches, matched_pairs
 from transforms_patch import (IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, RandomResizedCropWithGeometry,
                               collate_multicrop)
 
@@ -71,8 +73,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--out_dim", default=[65536], type=int, nargs="+", help="Prototypes K of the head.")
     group.add_argument("--patch_loss", default=[True], type=utils.bool_flag, nargs="+",
                        help="true: PW-Self; false: DINO's CLS loss only.")
-    group.add_argument("--fused_loss", default=[True], type=utils.bool_flag, nargs="+",
-                       help="true: the fused chunked loss; false: the straightforward reference.")
+    group.add_argument("--fused_loss", default=["auto"], type=utils.auto_or_bool, nargs="+",
+                       help="true: the fused chunked loss; false: the straightforward reference; auto: the "
+                            "training default (fused with the patch loss only).")
+    group.add_argument("--patch_head", default=["shared"], nargs="+", choices=["shared", "separate"],
+                       help="One head for CLS and patch tokens, or a separate patch head.")
+    group.add_argument("--patch_augment", default=[False], type=utils.bool_flag, nargs="+",
+                       help="Patch-level photometric augmentation (inside the timed step with --gpu_augment true).")
     group.add_argument("--precision", default=["auto"], nargs="+", choices=["auto", "fp32", "fp16", "bf16"],
                        help="Autocast precision (auto: bf16 on a GPU, fp32 on the CPU).")
     group.add_argument("--compile", default=[False], type=utils.bool_flag, nargs="+", help="torch.compile the models.")
@@ -102,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 def step_variants(args: argparse.Namespace) -> list[dict]:
     """Every combination of the step options that take several values."""
-    names = ("out_dim", "patch_loss", "fused_loss", "precision", "compile", "gpu_augment")
+    names = ("out_dim", "patch_loss", "fused_loss", "patch_head", "patch_augment", "precision", "compile", "gpu_augment")
     return [dict(zip(names, values)) for values in itertools.product(*(getattr(args, name) for name in names))]
 
 
@@ -214,9 +221,10 @@ def describe_photos(photos: Path) -> str:
     return f"{len(files)} photos like {width}x{height}, {kilobytes:.0f} kB"
 
 
-def multicrop(args: argparse.Namespace, photometric: bool) -> MultiCropAugmentation:
+def multicrop(args: argparse.Namespace, photometric: bool, patch_augment_p: float = 0.0) -> MultiCropAugmentation:
     return MultiCropAugmentation((0.4, 1.0), (0.05, 0.4), args.local_crops_number, args.global_crops_size,
-                                 args.local_crops_size, photometric=photometric)
+                                 args.local_crops_size, photometric=photometric, patch_augment_p=patch_augment_p,
+                                 patch_size=args.patch_size)
 
 
 def time_data(args: argparse.Namespace, photos: Path, gpu_augment: bool) -> dict:
@@ -278,17 +286,23 @@ def data_rows(args: argparse.Namespace, photos: Path) -> list[dict]:
 
 
 def augment_rows(args: argparse.Namespace, photos: Path) -> list[dict]:
-    """Images per second per core of each augmentation: the best of ``--repeats`` interleaved rounds."""
-    candidates = {"ours: full recipe with geometry": multicrop(args, photometric=True),
-                  "ours: crop+flip with geometry (--gpu_augment)": multicrop(args, photometric=False),
-                  "stock torchvision DINO recipe": stock_dino_recipe(args)}
+    """Images (and views) per second per core of each augmentation: the best of ``--repeats`` interleaved rounds."""
+    candidates = {"ours: full recipe with geometry": multicrop(args, photometric=True)}
+    if True in args.patch_augment:  # every view patch-augmented (p=1), on tiles of --patch_size
+        candidates[f"ours: full recipe + patch photometrics on {args.patch_size}px tiles"] = (
+            multicrop(args, photometric=True, patch_augment_p=1.0))
+    candidates.update({"ours: crop+flip with geometry (--gpu_augment)": multicrop(args, photometric=False),
+                       "stock torchvision DINO recipe": stock_dino_recipe(args)})
     best = {name: float("inf") for name in candidates}
     for _ in range(args.repeats):  # interleaved, so that a busy spell on a shared machine hits all alike
         for name, transform in candidates.items():
             best[name] = min(best[name], time_augment(transform, photos, args.augment_images))
-    return [{"part": "augment", "setting": f"{name}, 1 core, {describe_photos(photos)}",
-             "img_per_s": args.augment_images / seconds, "ms": 1000 * seconds / args.augment_images}
-            for name, seconds in best.items()]
+    views = 2 + args.local_crops_number
+    sizes = f"2x{args.global_crops_size}+{args.local_crops_number}x{args.local_crops_size}px"
+    return [{"part": "augment", "setting": f"{name}, {sizes}, 1 core, {describe_photos(photos)}",
+             "img_per_s": args.augment_images / seconds, "ms": 1000 * seconds / args.augment_images,
+             "views_per_s": views * args.augment_images / seconds,
+             "note": f"{views * args.augment_images / seconds:.0f} views/s"} for name, seconds in best.items()]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ random parameters, drawn from the device's default generator (seeded by ``torch.
 * Gaussian blur with sigma ``U(0.1, 2.0)`` and the view's probability (1.0 on global view 1,
   0.1 on global view 2, 0.5 on local views);
 * solarization (pixels >= 128/255 inverted) with p=0.2 on global view 2 only;
+* optionally (``patch_augment_p > 0``), the patch-level photometrics of METHOD.md section 5
+  (``patch_photometric``): every patch-size tile of a view gets its own small colour jitter, blur,
+  sharpness and posterize, in its own order. The CPU-augmented path runs the same function in the
+  data workers (``transforms_patch.PatchPhotometric``);
 * ImageNet normalisation (``normalize`` alone is what the CPU-augmented path runs on the device).
 
 Images are float ``[B, 3, H, W]`` in ``[0, 1]`` between steps, clamped after every colour op as
@@ -18,11 +22,13 @@ torchvision does.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from transforms_patch import IMAGENET_MEAN, IMAGENET_STD
-
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # here, not in transforms_patch, which imports this module
+IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 JITTER = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
 
@@ -35,13 +41,20 @@ class DevicePhotometric:
         jitter_p, grayscale_p: probabilities of colour jitter and grayscale (every view).
         blur_p: blur probability of (global 1, global 2, local views).
         solarize_p: solarization probability of global view 2 (0 elsewhere).
+        patch_augment_p: probability that a view (any view) gets the patch-level photometrics
+            (``patch_photometric``) after the ones above; 0 (the default) runs nothing and draws nothing.
+        patch_size: side of the tiles of the patch-level photometrics (the ViT's patch size).
     """
 
     def __init__(self, local_crops_number: int, jitter_p: float = 0.8, grayscale_p: float = 0.2,
-                 blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5), solarize_p: float = 0.2):
+                 blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5), solarize_p: float = 0.2,
+                 patch_augment_p: float = 0.0, patch_size: int = 16):
+        check_probability(patch_augment_p, "patch_augment_p")
+        check_patch_size(patch_size)
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
         self.blur_p = [blur_p[0], blur_p[1]] + [blur_p[2]] * local_crops_number
         self.solarize_p = [0.0, solarize_p] + [0.0] * local_crops_number
+        self.patch_augment_p, self.patch_size = patch_augment_p, patch_size
 
     def __call__(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """``V`` uint8 batches ``[B, 3, S_v, S_v]`` -> augmented, normalised float32 batches.
@@ -51,7 +64,7 @@ class DevicePhotometric:
         if len(views) != len(self.blur_p):
             raise ValueError(f"expected {len(self.blur_p)} views, got {len(views)}")
         outputs: list[torch.Tensor] = []
-        for group in _same_size_runs(views):
+        for group in same_size_runs(views):
             images = torch.cat([views[v] for v in group])
             blur_p, solarize_p = (_per_sample_values([values[v] for v in group], len(views[group[0]]), images.device)
                                   for values in (self.blur_p, self.solarize_p))
@@ -64,14 +77,19 @@ class DevicePhotometric:
         images = color_jitter(images, self.jitter_p)
         images = random_grayscale(images, self.grayscale_p)
         images = random_gaussian_blur(images, blur_p)
-        return random_solarize(images, solarize_p)
+        images = random_solarize(images, solarize_p)
+        if self.patch_augment_p > 0:  # skipped at 0 so that the random draws stay those of the plain recipe
+            images = patch_photometric(images, self.patch_size, self.patch_augment_p)
+        return images
 
     def __repr__(self) -> str:
+        patch = (f", patch_augment_p={self.patch_augment_p}, patch_size={self.patch_size}"
+                 if self.patch_augment_p else "")
         return (f"{type(self).__name__}(jitter_p={self.jitter_p}, grayscale_p={self.grayscale_p}, "
-                f"blur_p={self.blur_p}, solarize_p={self.solarize_p})")
+                f"blur_p={self.blur_p}, solarize_p={self.solarize_p}{patch})")
 
 
-def _same_size_runs(views: list[torch.Tensor]) -> list[list[int]]:
+def same_size_runs(views: list[torch.Tensor]) -> list[list[int]]:
     """Indices of consecutive views with the same shape: ``[224, 224, 96, 96] -> [[0, 1], [2, 3]]``."""
     runs: list[list[int]] = []
     for index, view in enumerate(views):
@@ -193,7 +211,12 @@ def random_gaussian_blur(images: torch.Tensor, p: float | torch.Tensor,
     """Blur each image with probability ``p`` (or ``p[i]``), with sigma drawn from ``U(sigma_range)``."""
     sigma = _draw(len(images), *sigma_range, images.device)
     sigma = torch.where(_happens(len(images), p, images.device), sigma, 0.0)
-    return gaussian_blur(images, sigma, radius=int(3 * sigma_range[1] + 0.5))
+    return gaussian_blur(images, sigma, radius=blur_radius(sigma_range[1]))
+
+
+def blur_radius(max_sigma: float) -> int:
+    """Kernel radius for sigmas up to ``max_sigma``: 3 sigma (2.0 -> 6, a 13-tap kernel)."""
+    return int(3 * max_sigma + 0.5)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -213,3 +236,171 @@ def random_solarize(images: torch.Tensor, p: float | torch.Tensor, threshold: fl
     """Invert the pixels at or above ``threshold`` of each image with probability ``p`` (or ``p[i]``)."""
     chosen = _per_sample(_happens(len(images), p, images.device))
     return torch.where(chosen & (images >= threshold), 1.0 - images, images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch-level photometric augmentation (METHOD.md section 5).
+# ----------------------------------------------------------------------------------------------
+PATCH_JITTER = {"brightness": (0.9, 1.1), "hue": (-0.1, 0.1)}  # torchvision ColorJitter(brightness=0.1, hue=0.1)
+PATCH_BLUR_SIGMA = (0.1, 2.0)
+PATCH_SHARPNESS_FACTOR, PATCH_SHARPNESS_P = 2.0, 0.5
+PATCH_POSTERIZE_BITS, PATCH_POSTERIZE_P = 3, 0.5
+
+
+def check_probability(p: float, name: str) -> None:
+    """Raise unless ``0 <= p <= 1``."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"{name} is a probability: pass a value in [0, 1], got {p!r}")
+
+
+def check_patch_size(patch_size: int) -> None:
+    """Raise unless ``patch_size`` is a positive int."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int (the ViT's patch size), got {patch_size!r}")
+
+
+def check_tiling(shape: tuple[int, ...], patch_size: int) -> None:
+    """Raise unless ``shape`` is RGB views ``[B, 3, H, W]`` with ``H`` and ``W`` multiples of ``patch_size``."""
+    check_patch_size(patch_size)
+    if len(shape) != 4 or shape[1] != 3:
+        raise ValueError(f"expected RGB views [B, 3, H, W], got shape {tuple(shape)}")
+    if shape[2] % patch_size or shape[3] % patch_size:
+        raise ValueError(f"patch_size {patch_size} does not divide the {shape[2]}x{shape[3]} views: use crop sizes "
+                         f"that are multiples of the patch size")
+
+
+def to_tiles(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Views ``[B, C, H, W]`` -> tiles ``[B * (H/p) * (W/p), C, p, p]`` (``p = patch_size``), row-major per view."""
+    batch, channels, height, width = images.shape
+    grid = images.reshape(batch, channels, height // patch_size, patch_size, width // patch_size, patch_size)
+    return grid.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, patch_size, patch_size)
+
+
+def from_tiles(tiles: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """Inverse of ``to_tiles``: tiles ``[B * (H/p) * (W/p), C, p, p]`` -> views of ``shape`` ``(B, C, H, W)``."""
+    batch, channels, height, width = shape
+    patch = tiles.shape[-1]
+    grid = tiles.reshape(batch, height // patch, width // patch, channels, patch, patch)
+    return grid.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
+
+
+def patch_photometric(images: torch.Tensor, patch_size: int, p: float | torch.Tensor = 1.0, *,
+                      masked: bool | None = None) -> torch.Tensor:
+    """Patch-level photometric augmentation of views ``[B, 3, H, W]`` (float in ``[0, 1]``), METHOD.md section 5.
+
+    Each view is augmented with probability ``p`` (a number, or one per view ``[B]``). In an augmented
+    view every ``patch_size`` tile draws its own order and parameters of the four ops
+    (``random_tile_photometric``) and sees only its own pixels, so no pixel moves (the geometry is
+    unchanged) and each output tile is a function of its input tile alone. Random numbers come from
+    the device's default generator, the same draws whatever the dispatch (``masked``, see ``_apply_where``).
+    Returns float ``[B, 3, H, W]`` in ``[0, 1]``; views not augmented are returned bit for bit.
+    """
+    check_tiling(images.shape, patch_size)
+    if not isinstance(p, torch.Tensor):
+        check_probability(p, "p")
+    applied = _happens(len(images), p, images.device)
+    tiles_per_view = (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
+    tiles = random_tile_photometric(to_tiles(images, patch_size), applied.repeat_interleave(tiles_per_view),
+                                    masked=masked)
+    return torch.where(_per_sample(applied), from_tiles(tiles, images.shape), images)
+
+
+def random_tile_photometric(tiles: torch.Tensor, where: torch.Tensor | None = None, *,
+                            masked: bool | None = None) -> torch.Tensor:
+    """Colour jitter, blur, sharpness and posterize on the tiles ``[T, 3, p, p]``, each tile in its own order.
+
+    As torchvision's ``RandomOrder``, with parameters drawn per tile (``_draw_tile_parameters``); only the
+    tiles ``where`` ``[T]`` is true (all if ``None``) change, but every tile draws (the draws do not
+    depend on ``where``). At each position of the order each op runs on the tiles that apply it there
+    (``_apply_where``): no loop over tiles.
+    """
+    count, device = len(tiles), tiles.device
+    order = torch.rand(count, len(_TILE_OPS), device=device).argsort(dim=1)  # a random permutation per tile
+    parameters = _draw_tile_parameters(count, device)
+    for position in range(len(_TILE_OPS)):
+        for op_index, (name, op) in enumerate(_TILE_OPS.items()):
+            active = order[:, position] == op_index
+            if where is not None:
+                active &= where
+            tiles = _apply_where(tiles, op, active, parameters[name], _TILE_IDENTITY[name], masked)
+    return tiles
+
+
+def _apply_where(tiles: torch.Tensor, op: Callable, active: torch.Tensor, values: tuple[torch.Tensor, ...],
+                 identities: tuple[float | bool, ...], masked: bool | None = None) -> torch.Tensor:
+    """``op(tiles, *values)`` on the ``active`` tiles ``[T]`` (``values`` per tile ``[T]``), the others unchanged.
+
+    The one place the two dispatches differ, same draws and same op. Indexed (the default on the CPU):
+    the op runs on the active tiles only, so each tile computes each op once. Masked (the default
+    elsewhere, or ``masked=True``): the op runs on every tile, the inactive ones with the ``identities``
+    values, which return them bit for bit; no data-dependent shape, so no host synchronisation on a GPU.
+    """
+    if masked is None:
+        masked = tiles.device.type != "cpu"
+    if masked:
+        return op(tiles, *(torch.where(active, value, identity) for value, identity in zip(values, identities)))
+    index = active.nonzero().squeeze(1)
+    if len(index) == 0:
+        return tiles
+    return tiles.index_copy(0, index, op(tiles[index], *(value[index] for value in values)))
+
+
+def _draw_tile_parameters(count: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Per-tile parameters ``[T]`` of each op of ``_TILE_OPS``: factors, sigmas, coin flips."""
+    return {
+        "jitter": (_draw(count, *PATCH_JITTER["brightness"], device), _draw(count, *PATCH_JITTER["hue"], device),
+                   _happens(count, 0.5, device)),  # brightness before the hue shift, or after
+        "blur": (_draw(count, *PATCH_BLUR_SIGMA, device),),
+        "sharpness": (_happens(count, PATCH_SHARPNESS_P, device),),
+        "posterize": (_happens(count, PATCH_POSTERIZE_P, device),),
+    }
+
+
+def _tile_jitter(tiles: torch.Tensor, brightness: torch.Tensor, hue: torch.Tensor,
+                 brightness_first: torch.Tensor) -> torch.Tensor:
+    """ColorJitter(brightness, hue) on every tile ``[T]``, the two in each tile's own order.
+
+    One hue pass, with brightness on either side of it: each tile applies one of the two brightness passes.
+    """
+    tiles = adjust_brightness(tiles, torch.where(brightness_first, brightness, 1.0))
+    tiles = adjust_hue(tiles, hue)
+    return adjust_brightness(tiles, torch.where(brightness_first, 1.0, brightness))
+
+
+def _tile_blur(tiles: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of every tile, borders reflected inside each tile (the radius capped to its side)."""
+    return gaussian_blur(tiles, sigma, radius=blur_radius(PATCH_BLUR_SIGMA[1]))
+
+
+def _tile_sharpness(tiles: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    return adjust_sharpness(tiles, torch.where(chosen, PATCH_SHARPNESS_FACTOR, 1.0))
+
+
+def _tile_posterize(tiles: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    return torch.where(_per_sample(chosen), posterize(tiles, PATCH_POSTERIZE_BITS), tiles)
+
+
+_TILE_OPS = {"jitter": _tile_jitter, "blur": _tile_blur, "sharpness": _tile_sharpness, "posterize": _tile_posterize}
+# The values of each op's parameters that return a tile bit for bit (the inactive tiles of the masked dispatch).
+_TILE_IDENTITY = {"jitter": (1.0, 0.0, False), "blur": (0.0,), "sharpness": (False,), "posterize": (False,)}
+
+
+def adjust_sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_sharpness`` with per-sample ``factors [B]`` on ``[B, C, H, W]``: 1 returns the image.
+
+    Blends each image with its smoothed version: inside, the 3x3 filter ``[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13``
+    (PIL's SMOOTH); on the 1-pixel border, the image itself. Sums of shifted slices, not a convolution with
+    one group per channel, which is several times slower on small tiles.
+    """
+    rows = images[..., :, :-2] + images[..., :, 1:-1] + images[..., :, 2:]  # sums of 3 neighbours in a row
+    box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]  # 3x3 sums
+    smoothed = images.clone()
+    smoothed[..., 1:-1, 1:-1] = (box + 4 * images[..., 1:-1, 1:-1]) / 13
+    return torch.lerp(smoothed, images, _per_sample(factors)).clamp_(0, 1)  # weight 1 returns the image exactly
+
+
+def posterize(images: torch.Tensor, bits: int) -> torch.Tensor:
+    """Keep the top ``bits`` of each pixel's 8-bit level (torchvision's ``posterize``) on floats in ``[0, 1]``."""
+    mask = 256 - 2 ** (8 - bits)  # 3 bits: 0b11100000
+    levels = images.mul(255).round_().to(torch.uint8)
+    return levels.bitwise_and_(mask).to(images.dtype).div_(255)

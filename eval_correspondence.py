@@ -34,6 +34,7 @@ from torchvision import transforms
 
 import utils
 import vision_transformer as vits
+from vision_transformer import backbone_patch_features
 from device_augment import normalize
 from patch_matching import match_patches_batched
 from transforms_patch import RandomHorizontalFlipWithGeometry, RandomResizedCropWithGeometry, photometric_transform
@@ -195,16 +196,6 @@ def correspondence_predictions(features_reference: torch.Tensor, features_query:
     """
     similarity = F.normalize(features_query, dim=-1) @ F.normalize(features_reference, dim=-1).transpose(1, 2)
     return similarity.argmax(dim=-1)
-
-
-def backbone_patch_features(model: vits.VisionTransformer, n_last_blocks: int) -> FeatureFn:
-    """A feature function: normalised images ``[B, 3, S, S]`` -> patch tokens ``[B, N, n_last_blocks * D]``,
-    each block's tokens L2-normalised so that the concatenation's cosine is the mean over blocks."""
-    def patch_tokens(images: torch.Tensor) -> torch.Tensor:
-        blocks = model.get_intermediate_layers(images, n_last_blocks)
-        return torch.cat([F.normalize(block[:, 1:].float(), dim=-1) for block in blocks], dim=-1)
-
-    return patch_tokens
 
 
 def predict_cells(reference: torch.Tensor, query: torch.Tensor, feature_fn: FeatureFn, patch_size: int,

@@ -37,13 +37,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import utils
 import vision_transformer as vits
-from fused_loss import DEFAULT_CHUNK_ELEMENTS, FusedConfig, matched_cross_entropy
-from patch_matching import MATCHING_MODES, match_patches_batched
+from patch_matching import MATCHING_MODES
 from device_augment import DevicePhotometric, normalize
+from pwself_loss import (NUM_GLOBAL_VIEWS, MatchedPairs, PatchWiseDINOLoss, compute_matches, logits_per_view,
+                         matched_pairs, tokens_per_view)
 from transforms_patch import MultiCropAugmentation, collate_multicrop
 from vision_transformer import DINOHead
 
-NUM_GLOBAL_VIEWS = 2
 SAMPLE_SEED, STEP_SEED = 0, 1  # tags that keep the two kinds of derived seeds apart
 STOPPED_EXIT_STATUS = 3  # the command line's status when a signal stopped training: checkpoint saved, not finished
 
@@ -80,15 +80,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Weight lambda of the CLS term per view pair: lambda * CE_cls + (1 - lambda) * "
                             "mean CE_patches. Unset: every matched token (CLS included) counts the same, "
                             "as the authors' code does.")
+    group.add_argument("--patch_head", default="shared", choices=["shared", "separate"],
+                       help="Which DINO head the patch tokens go through: 'shared' with CLS (the authors' default) "
+                            "or 'separate', their own head (--patch_out_dim prototypes) with its own per-position "
+                            "center, as in iBOT; CLS keeps DINO's head and center. Needs --patch_loss true.")
+    group.add_argument("--patch_out_dim", default=None, type=int,
+                       help="Prototypes of the separate patch head (default: --out_dim).")
     group.add_argument("--matching", default="upstream", choices=MATCHING_MODES,
                        help="Patch matching rule: 'upstream' (the authors', one-to-one) or 'centre' "
                             "(the teacher patch containing each student patch's centre).")
 
-    group.add_argument("--fused_loss", default=True, type=utils.bool_flag,
+    group.add_argument("--fused_loss", default="auto", type=utils.auto_or_bool,
                        help="Compute the loss fused with the head's last layer, in chunks of tokens, with the "
-                            "student head on matched tokens only (true/false). Same loss and gradients as false, "
-                            "which materialises every token's [K] logits (the straightforward reference); "
-                            "memory no longer grows with batch x tokens x K.")
+                            "student head on matched tokens only (true), or from every token's [K] logits (false: "
+                            "the straightforward computation). Same loss and gradients; the fused path's memory "
+                            "does not grow with batch x tokens x K. auto: fused with the patch loss, plain for "
+                            "DINO's CLS-only loss, whose logits are small enough that the fused path's extra "
+                            "passes cost more than they save (measured: README 'Performance').")
     group.add_argument("--loss_chunk_mib", default=512, type=int,
                        help="Size of one chunk of float32 logits in the fused loss, in MiB: its transient "
                             "memory is a few chunks; larger chunks mean fewer, larger kernels.")
@@ -134,6 +142,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
                        help="Area range of the local crops relative to the image.")
     group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local views in pixels.")
+    group.add_argument("--patch_augment", default=False, type=utils.bool_flag,
+                       help="Patch-level photometric augmentation, the 2024 paper's (true/false): after a view's "
+                            "usual augmentation, every patch-size tile gets its own small colour jitter "
+                            "(brightness 0.1, hue 0.1), Gaussian blur (sigma 0.1-2), sharpening (factor 2, p=0.5) "
+                            "and posterization (3 bits, p=0.5), in a random order per tile. Geometry is unchanged.")
+    group.add_argument("--patch_augment_p", default=1.0, type=float,
+                       help="Probability that a view (global or local) is patch-augmented, with --patch_augment.")
     group.add_argument("--gpu_augment", default=False, type=utils.bool_flag,
                        help="Run the photometric part of the augmentation (colour jitter, grayscale, blur, "
                             "solarization) on the training device, batched with per-sample random parameters "
@@ -217,6 +232,13 @@ def _optimisation_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--drop_path_rate must lie in [0, 1), got {args.drop_path_rate}")
     if not 0 <= args.momentum_teacher <= 1:
         problems.append(f"--momentum_teacher must lie in [0, 1], got {args.momentum_teacher}")
+    if not 0 <= args.patch_augment_p <= 1:
+        problems.append(f"--patch_augment_p must lie in [0, 1], got {args.patch_augment_p}")
+    if args.patch_head == "separate" and not args.patch_loss:
+        problems.append("--patch_head separate needs --patch_loss true (without the patch loss there are no patch "
+                        "tokens for it)")
+    if args.patch_out_dim is not None and args.patch_out_dim <= 0:
+        problems.append(f"--patch_out_dim must be positive, got {args.patch_out_dim}")
     if args.cls_weight is not None and not 0 <= args.cls_weight <= 1:
         problems.append(f"--cls_weight must lie in [0, 1], got {args.cls_weight}")
     if not (args.teacher_temp > 0 and args.warmup_teacher_temp > 0):
@@ -313,34 +335,63 @@ class ResumableSampler(DistributedSampler):
 # Model.
 # ----------------------------------------------------------------------------------------------
 class MultiCropWrapper(nn.Module):
-    """Backbone + head over a list of views; consecutive views of one size share a backbone pass.
+    """Backbone + head(s) over a list of views; consecutive views of one size share a backbone pass.
 
     Tokens are numbered in one flat layout: view by view, sample by sample, token by token, with
     ``T_v = 1 + N_v`` tokens per view when ``patch_tokens`` is set and ``T_v = 1`` (CLS only) when not.
-    The output is the head's embeddings (the last layer's input) and the last layer's weight, so that
-    the loss can apply that linear layer itself, chunk by chunk, to the tokens it needs.
+    The output is the heads' embeddings (their last layers' input) and the last layers' weights, so that
+    the loss can apply those linear layers itself, chunk by chunk, to the tokens it needs. With a
+    ``patch_head``, CLS tokens go through ``head`` and patch tokens through ``patch_head`` (state-dict keys
+    ``backbone.*`` and ``head.*`` stay DINO's; the patch head is under ``patch_head.*``).
     """
 
-    def __init__(self, backbone: nn.Module, head: DINOHead, patch_tokens: bool):
+    def __init__(self, backbone: nn.Module, head: DINOHead, patch_tokens: bool, patch_head: DINOHead | None = None):
         super().__init__()
         self.backbone, self.head, self.patch_tokens = backbone, head, patch_tokens
+        if patch_head is not None:
+            self.patch_head = patch_head
 
-    def forward(self, views: list[torch.Tensor], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``V x [B, 3, S_v, S_v]`` -> embeddings ``[R, d]`` and last-layer weight ``[K, d]``.
+    @property
+    def heads(self) -> list[DINOHead]:
+        """The heads in ``pwself_loss.head_positions`` order: ``[head]``, or ``[head, patch_head]``."""
+        return [self.head] + ([self.patch_head] if hasattr(self, "patch_head") else [])
 
-        ``rows`` (int64 ``[R]``) picks tokens of the flat layout before the head, which then runs on
+    def forward(self, views: list[torch.Tensor],
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Views ``V x [B, 3, S_v, S_v]`` -> embeddings ``[R, d]`` and the last-layer weight ``[K_h, d]`` of each head.
+
+        ``rows`` (int64 ``[R]``) picks tokens of the flat layout before the heads, which then run on
         those alone; ``None`` keeps all ``sum_v B * T_v``. A head with batch norm always sees every
-        token (its statistics must not depend on the selection).
+        token it serves (its statistics must not depend on the selection).
         """
-        tokens = torch.cat([self._tokens(torch.cat(group)).flatten(0, 1) for group in _consecutive_size_groups(views)])
-        if rows is not None and not any(isinstance(m, nn.BatchNorm1d) for m in self.head.mlp.modules()):
-            tokens, rows = tokens[rows], None  # the head runs on the selected tokens only
-        embeddings = self.head.embed(tokens)
-        return (embeddings if rows is None else embeddings[rows]), self.head.last_layer.weight
+        outputs = [self._tokens(torch.cat(group)) for group in _consecutive_size_groups(views)]
+        tokens = torch.cat([output.flatten(0, 1) for output in outputs])
+        is_cls = _cls_flags(outputs) if len(self.heads) > 1 else None
+        if rows is not None and not any(isinstance(m, nn.BatchNorm1d) for h in self.heads for m in h.mlp.modules()):
+            is_cls = None if is_cls is None else is_cls[rows]
+            tokens, rows = tokens[rows], None  # the heads run on the selected tokens only
+        embeddings = self._embed(tokens, is_cls)
+        return (embeddings if rows is None else embeddings[rows]), tuple(head.last_layer.weight for head in self.heads)
+
+    def _embed(self, tokens: torch.Tensor, is_cls: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[R, D]`` -> embeddings ``[R, d]``: all through ``head``, or CLS (``is_cls [R]``) through ``head``
+        and the others through ``patch_head``."""
+        if len(self.heads) == 1:
+            return self.head.embed(tokens)
+        cls_part, patch_part = self.head.embed(tokens[is_cls]), self.patch_head.embed(tokens[~is_cls])
+        embeddings = cls_part.new_empty(len(tokens), cls_part.shape[-1])
+        embeddings[is_cls], embeddings[~is_cls] = cls_part, patch_part
+        return embeddings
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone output ``[n, T, D]``: every token, or only CLS (``T = 1``)."""
         return self.backbone.forward_features(images) if self.patch_tokens else self.backbone(images)[:, None]
+
+
+def _cls_flags(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """bool ``[sum n * T]`` for backbone outputs ``[n, T, D]``: whether each token of the flat layout is a CLS token."""
+    return torch.cat([(torch.arange(output.shape[1], device=output.device) == 0).repeat(output.shape[0])
+                      for output in outputs])
 
 
 def _consecutive_size_groups(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -355,14 +406,19 @@ def _consecutive_size_groups(views: list[torch.Tensor]) -> list[list[torch.Tenso
 
 def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (with drop-path) and teacher (a frozen copy of the student's weights)."""
-    def head(width: int) -> DINOHead:
-        return DINOHead(width, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer,
+    def head(width: int, out_dim: int) -> DINOHead:
+        return DINOHead(width, out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer,
                         hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
+
+    def patch_head(width: int) -> DINOHead | None:
+        return head(width, patch_out_dim(args)) if args.patch_head == "separate" else None
 
     student_backbone = vits.build_backbone(args, args.global_crops_size, args.drop_path_rate)
     teacher_backbone = vits.build_backbone(args, args.global_crops_size)
-    student = MultiCropWrapper(student_backbone, head(student_backbone.embed_dim), args.patch_loss)
-    teacher = MultiCropWrapper(teacher_backbone, head(teacher_backbone.embed_dim), args.patch_loss)
+    student = MultiCropWrapper(student_backbone, head(student_backbone.embed_dim, args.out_dim), args.patch_loss,
+                               patch_head(student_backbone.embed_dim))
+    teacher = MultiCropWrapper(teacher_backbone, head(teacher_backbone.embed_dim, args.out_dim), args.patch_loss,
+                               patch_head(teacher_backbone.embed_dim))
     teacher.load_state_dict(student.state_dict())
     for parameter in teacher.parameters():
         parameter.requires_grad = False
@@ -372,336 +428,6 @@ def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, M
 # ----------------------------------------------------------------------------------------------
 # Loss.
 # ----------------------------------------------------------------------------------------------
-def view_pairs(num_views: int) -> list[tuple[int, int]]:
-    """(teacher global view, student view) pairs: every other view for each global view."""
-    return [(g, v) for g in range(NUM_GLOBAL_VIEWS) for v in range(num_views) if v != g]
-
-
-def compute_matches(geometry: torch.Tensor, patch_size: int, mode: str,
-                    patch_loss: bool) -> dict[tuple[int, int], torch.Tensor]:
-    """Teacher token per student token for every view pair, on the geometry's device.
-
-    All pairs whose student views share a size are matched in one batched call (two calls in all).
-
-    Args:
-        geometry: ``[B, V, 6]`` from ``collate_multicrop``.
-
-    Returns:
-        ``{(g, v): LongTensor [B, T_v]}`` with -1 for unmatched tokens; ``T_v = 1`` (CLS only)
-        when ``patch_loss`` is off.
-    """
-    batch, num_views = geometry.shape[:2]
-    pairs = view_pairs(num_views)
-    if not patch_loss:
-        cls_only = torch.zeros(batch, 1, dtype=torch.long, device=geometry.device)
-        return {pair: cls_only for pair in pairs}
-    found = {}
-    for group in ([p for p in pairs if p[1] < NUM_GLOBAL_VIEWS], [p for p in pairs if p[1] >= NUM_GLOBAL_VIEWS]):
-        if group:
-            teachers = torch.cat([geometry[:, g] for g, _ in group])
-            students = torch.cat([geometry[:, v] for _, v in group])
-            found.update(zip(group, match_patches_batched(teachers, students, patch_size, mode).split(batch)))
-    return {pair: found[pair] for pair in pairs}
-
-
-@dataclass
-class MatchedPairs:
-    """Every matched (teacher token, student token) pair of a batch, by rows of the flat token layouts.
-
-    Student rows follow ``MultiCropWrapper``'s layout (view, sample, token); teacher rows likewise over
-    the global views: token ``i`` of sample ``b`` in global view ``g`` is teacher row ``(g * B + b) * T_g + i``.
-
-    Attributes:
-        rows: int64 ``[N]`` the student rows that have at least one partner, ascending.
-        partners: int64 ``[N, G]`` the teacher row matched to each of them in global view ``g``, or -1.
-        weights: float64 ``[N, G]`` the derivative of the loss with respect to each pair's cross-entropy.
-        is_cls: bool ``[N]`` whether the student token is a CLS token.
-        tokens_per_view: ``T_v`` of every view; batch_size: ``B``; num_pairs: view pairs in the loss.
-    """
-
-    rows: torch.Tensor
-    partners: torch.Tensor
-    weights: torch.Tensor
-    is_cls: torch.Tensor
-    tokens_per_view: list[int]
-    batch_size: int
-    num_pairs: int
-
-
-def matched_pairs(matches: dict[tuple[int, int], torch.Tensor], cls_weight: float | None) -> MatchedPairs:
-    """Turn ``compute_matches``'s per-pair index maps into flat rows, partners and loss weights."""
-    tokens, batch = tokens_per_view(matches), len(matches[(1, 0)])
-    groups = [_group_partners(matches, views, tokens[0], cls_weight) for views in _equal_token_groups(tokens)]
-    partners, weights, is_cls = (torch.cat(parts) for parts in zip(*groups))
-    rows = torch.nonzero((partners >= 0).any(1)).flatten()
-    return MatchedPairs(rows, partners[rows], weights[rows], is_cls[rows], tokens, batch, len(matches))
-
-
-def tokens_per_view(matches: dict[tuple[int, int], torch.Tensor]) -> list[int]:
-    """Tokens ``T_v`` of every view, read off the matches."""
-    num_views = 1 + max(v for _, v in matches)
-    return [matches[_a_pair_of(v)].shape[1] for v in range(num_views)]
-
-
-def _a_pair_of(view: int) -> tuple[int, int]:
-    """A view pair in which ``view`` is the student: global view 1 teaches view 0, global view 0 all others."""
-    return (1 if view == 0 else 0), view
-
-
-def _equal_token_groups(tokens: list[int]) -> list[list[int]]:
-    """Consecutive views with the same number of tokens: ``[197, 197, 37, 37] -> [[0, 1], [2, 3]]``."""
-    groups: list[list[int]] = []
-    for view, count in enumerate(tokens):
-        if groups and tokens[groups[-1][-1]] == count:
-            groups[-1].append(view)
-        else:
-            groups.append([view])
-    return groups
-
-
-def _group_partners(matches: dict[tuple[int, int], torch.Tensor], views: list[int], teacher_tokens: int,
-                    cls_weight: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher rows (-1: none) and pair weights ``[n * B * T, G]``, and CLS flags ``[n * B * T]``, of ``n``
-    consecutive student views of ``T`` tokens each, in the flat layout."""
-    template = matches[_a_pair_of(views[0])]
-    (batch, tokens), device = template.shape, template.device
-    unmatched = torch.full_like(template, -1)  # a view is never its own student
-    match = torch.stack([torch.stack([matches.get((g, v), unmatched) for g in range(NUM_GLOBAL_VIEWS)])
-                         for v in views])  # [n, G, B, T]
-    sequence = torch.arange(NUM_GLOBAL_VIEWS * batch, device=device).view(1, NUM_GLOBAL_VIEWS, batch, 1)
-    partners = torch.where(match >= 0, sequence * teacher_tokens + match, -1)
-    weights = pair_weights(match, cls_weight) / len(matches)
-    is_cls = (torch.arange(tokens, device=device) == 0).repeat(len(views) * batch)
-    return partners.permute(0, 2, 3, 1).flatten(0, 2), weights.permute(0, 2, 3, 1).flatten(0, 2), is_cls
-
-
-def pair_weights(match: torch.Tensor, cls_weight: float | None) -> torch.Tensor:
-    """``d l(g, v) / d CE`` for every token of view-pair matches ``[..., B, T_v]``, float64 (METHOD.md section 4).
-
-    Unset ``cls_weight``: ``1 / (B + matched patches)`` for every matched token. Else ``lambda / B`` for
-    CLS and ``(1 - lambda) / matched patches`` for patches; ``1 / B`` for CLS when no patch is matched.
-    """
-    matched = (match >= 0).to(torch.float64)
-    batch, patch_count = match.shape[-2], matched[..., 1:].sum((-2, -1), keepdim=True)
-    if cls_weight is None:
-        return matched / (batch + patch_count)
-    has_patches = (patch_count[..., 0] > 0).to(torch.float64)
-    weights = matched * (1 - cls_weight) / patch_count.clamp(min=1)
-    weights[..., 0] = matched[..., 0] * (1 - (1 - cls_weight) * has_patches) / batch  # lambda / B, or 1 / B
-    return weights
-
-
-def logits_per_view(embeddings: torch.Tensor, weight: torch.Tensor, tokens_per_view: list[int],
-                    batch: int) -> list[torch.Tensor]:
-    """The head's last layer on every token of the flat layout ``[sum_v B * T_v, d]`` -> per view ``[B, T_v, K]``."""
-    logits = nn.functional.linear(embeddings, weight)
-    return [view.view(batch, tokens, -1)
-            for view, tokens in zip(logits.split([batch * t for t in tokens_per_view]), tokens_per_view)]
-
-
-class PatchWiseDINOLoss(nn.Module):
-    """The PW-Self objective (METHOD.md section 4) with one center per teacher token position.
-
-    ``forward`` computes it fused with the head's last layer (``fused_loss.py``: chunked, from the
-    embeddings of matched tokens); ``reference`` computes the same from full per-view logits, the
-    straightforward way. Both return the same loss, gradients and statistics.
-
-    Args:
-        out_dim: number of prototypes ``K``.
-        num_positions: teacher tokens per global view (``1 + P_global^2``; 1 for DINO's CLS loss).
-        teacher_temps: teacher temperature per epoch.
-        student_temp: student temperature.
-        center_momentum: EMA momentum of the center.
-        cls_weight: ``None`` for the token mean over matched pairs; else the CLS weight lambda.
-        chunk_elements: logits per chunk of the fused computation (its memory, 4 bytes each).
-        compile: ``torch.compile`` the fused computation's per-chunk softmax kernels.
-    """
-
-    def __init__(self, out_dim: int, num_positions: int, teacher_temps: np.ndarray, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, cls_weight: float | None = None,
-                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False):
-        super().__init__()
-        self.student_temp, self.center_momentum, self.cls_weight = student_temp, center_momentum, cls_weight
-        self.teacher_temps, self.chunk_elements, self.compile = teacher_temps, chunk_elements, compile
-        self.register_buffer("center", torch.zeros(num_positions, out_dim))
-        self.piggyback: torch.Tensor | None = None  # see _sum_over_processes
-
-    def forward(self, student_z: torch.Tensor, student_weight: torch.Tensor, teacher_z: torch.Tensor,
-                teacher_weight: torch.Tensor, pairs: MatchedPairs, epoch: int,
-                compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
-        """Loss over all view pairs from head embeddings, then a center update.
-
-        Args:
-            student_z: ``[N, d]`` embeddings of the student rows ``pairs.rows``.
-            student_weight: ``[K, d]`` the student's last-layer weight.
-            teacher_z: ``[G * B * T_g, d]`` embeddings of every teacher token (no gradient).
-            teacher_weight: ``[K, d]`` the teacher's last-layer weight.
-            pairs: from ``matched_pairs``.
-            epoch: selects the teacher temperature.
-            compute_dtype: dtype of the matmuls (the autocast dtype); ``None``: the embeddings'.
-
-        Returns:
-            the scalar loss and the statistics of ``reference``.
-        """
-        self._check_positions(pairs.tokens_per_view[0], teacher_weight.shape[0])
-        teacher_z = teacher_z.view(-1, pairs.tokens_per_view[0], teacher_z.shape[-1])
-        config = FusedConfig(self.student_temp, float(self.teacher_temps[epoch]), compute_dtype, self.chunk_elements,
-                             self.compile)
-        loss, cross_entropy, entropy = matched_cross_entropy(student_z, student_weight, teacher_z, teacher_weight,
-                                                             self.center, pairs.partners, pairs.weights, config)
-        stats = self._pair_statistics(cross_entropy, pairs, entropy / teacher_z.shape[:2].numel())
-        self.update_center_from_embeddings(teacher_z, teacher_weight)
-        return loss, stats
-
-    def reference(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
-                  matches: dict[tuple[int, int], torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict]:
-        """The loss from full logits, then a center update: the straightforward computation.
-
-        Args:
-            student_logits: per view ``[B, T_v, K]``.
-            teacher_logits: per global view ``[B, T_g, K]`` (no gradient).
-            matches: ``{(g, v): [B, T_v]}`` teacher token per student token, -1 if unmatched.
-            epoch: selects the teacher temperature.
-
-        Returns:
-            the scalar loss and detached statistics (``loss_cls``, ``loss_patch``,
-            ``matched_patches`` per view pair and sample, ``teacher_entropy``).
-        """
-        teacher_probs, teacher_entropy = self.teacher_distributions(teacher_logits, float(self.teacher_temps[epoch]))
-        pair_losses, cls_means, patch_sums, patch_counts = [], [], [], []
-        for (g, v), match in matches.items():
-            ce = MatchedCrossEntropy.apply(student_logits[v], teacher_probs[g], match, self.student_temp)
-            patch_mask = (match[:, 1:] >= 0).to(ce.dtype)
-            cls_means.append(ce[:, 0].mean())
-            patch_sums.append((ce[:, 1:] * patch_mask).sum())
-            patch_counts.append(patch_mask.sum())
-            pair_losses.append(self.pair_loss(ce[:, 0], patch_sums[-1], patch_counts[-1]))
-        loss = torch.stack(pair_losses).mean()
-        stats = self._statistics(cls_means, patch_sums, patch_counts, teacher_entropy, len(student_logits[0]))
-        self.update_center(teacher_logits)
-        return loss, stats
-
-    def pair_loss(self, cls_ce: torch.Tensor, patch_sum: torch.Tensor, patch_count: torch.Tensor) -> torch.Tensor:
-        """Loss of one view pair from its CLS cross-entropies ``[B]`` and its patch sum and count."""
-        if self.cls_weight is None:
-            return (cls_ce.sum() + patch_sum) / (cls_ce.numel() + patch_count)
-        weighted = self.cls_weight * cls_ce.mean() + (1 - self.cls_weight) * patch_sum / patch_count.clamp(min=1)
-        return torch.where(patch_count > 0, weighted, cls_ce.mean())  # no patch pairs: CLS term alone
-
-    @torch.no_grad()
-    def teacher_distributions(self, teacher_logits: list[torch.Tensor], temperature: float):
-        """Centered, sharpened teacher probabilities per global view ``[B, T_g, K]`` and their mean entropy."""
-        probs, entropies = [], []
-        for logits in teacher_logits:
-            self._check_positions(*logits.shape[1:])
-            log_probs = torch.log_softmax((logits.to(_loss_dtype(logits)) - self.center) / temperature, dim=-1)
-            probs.append(log_probs.exp())
-            entropies.append(-(probs[-1] * log_probs).sum(-1).mean())
-        return probs, torch.stack(entropies).mean()
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
-        """``C <- m C + (1 - m) * mean over samples and global views`` per position, over all processes."""
-        batch_sum = torch.stack([logits.sum(0, dtype=self.center.dtype) for logits in teacher_logits]).sum(0)
-        self._sum_over_processes(batch_sum)
-        count = sum(len(logits) for logits in teacher_logits) * utils.get_world_size()
-        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
-
-    @torch.no_grad()
-    def update_center_from_embeddings(self, teacher_z: torch.Tensor, teacher_weight: torch.Tensor) -> None:
-        """``update_center`` from embeddings ``[S, T_g, d]``: the last layer is linear, so the logits' mean
-        is ``mean(z) W^T``; only ``[T_g, d]`` is summed over processes instead of ``[T_g, K]``."""
-        batch_sum = teacher_z.sum(0, dtype=self.center.dtype)
-        self._sum_over_processes(batch_sum)
-        mean_logits = batch_sum / (len(teacher_z) * utils.get_world_size()) @ teacher_weight.to(self.center.dtype).T
-        self.center.mul_(self.center_momentum).add_(mean_logits, alpha=1 - self.center_momentum)
-
-    def _sum_over_processes(self, batch_sum: torch.Tensor) -> None:
-        """All-reduce ``batch_sum`` in place. ``piggyback``, when set, rides in the same collective and is
-        replaced by its sum: values the trainer needs summed over processes at every step (a vote to stop)
-        then cost no collective of their own."""
-        if self.piggyback is None or not utils.is_distributed():
-            utils.all_reduce_sum(batch_sum)
-            return
-        packed = utils.all_reduce_sum(torch.cat([batch_sum.flatten(), self.piggyback.to(batch_sum.dtype)]))
-        batch_sum.copy_(packed[:batch_sum.numel()].view_as(batch_sum))
-        self.piggyback = packed[batch_sum.numel():]
-
-    def _check_positions(self, tokens: int, out_dim: int) -> None:
-        if (tokens, out_dim) != self.center.shape:
-            raise ValueError(f"teacher logits have shape {(tokens, out_dim)} per sample but the center "
-                             f"is {tuple(self.center.shape)}: the global crop size, patch size or out_dim changed")
-
-    @staticmethod
-    @torch.no_grad()
-    def _statistics(cls_means, patch_sums, patch_counts, teacher_entropy, batch_size) -> dict[str, torch.Tensor]:
-        patch_total = torch.stack(patch_counts).sum()
-        return {
-            "loss_cls": torch.stack(cls_means).mean().detach(),
-            "loss_patch": (torch.stack(patch_sums).sum() / patch_total.clamp(min=1)).detach(),
-            "matched_patches": patch_total / (len(patch_counts) * batch_size),
-            "teacher_entropy": teacher_entropy,
-        }
-
-    @staticmethod
-    @torch.no_grad()
-    def _pair_statistics(cross_entropy: torch.Tensor, pairs: MatchedPairs, teacher_entropy: torch.Tensor) -> dict:
-        """``_statistics`` from the fused path's cross-entropies ``[N, G]``."""
-        matched = pairs.partners >= 0
-        cls, patch = matched & pairs.is_cls[:, None], matched & ~pairs.is_cls[:, None]
-        patch_total = patch.sum().to(cross_entropy.dtype)
-        pairs_and_samples = pairs.num_pairs * pairs.batch_size
-        return {
-            "loss_cls": (cross_entropy * cls).sum() / pairs_and_samples,
-            "loss_patch": (cross_entropy * patch).sum() / patch_total.clamp(min=1),
-            "matched_patches": patch_total / pairs_and_samples,
-            "teacher_entropy": teacher_entropy,
-        }
-
-
-class MatchedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of every student token against the teacher token it is matched to.
-
-    ``CE[b, j] = -sum_k P[b, m(b, j), k] log softmax(s[b, j] / tau)_k
-               = logsumexp(s[b, j] / tau) - sum_k P[b, m(b, j), k] s[b, j, k] / tau``  (P sums to 1).
-
-    Memory: nothing of size ``[B, T, K]`` is kept for the backward pass beyond the student logits
-    and the teacher probabilities that exist anyway (shared by all view pairs); the float32
-    softmax and the gathered teacher rows are rebuilt transiently in ``backward``.
-
-    Inputs: student logits ``[B, T_v, K]`` (any float dtype), teacher probabilities ``[B, T_g, K]``,
-    match ``[B, T_v]`` (-1 entries give values the caller must mask out), the student temperature.
-    Output: ``[B, T_v]`` in float32 (float64 for float64 inputs).
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_probs, match, student_temp: float):
-        scaled = student_logits.to(_loss_dtype(student_logits)) / student_temp
-        log_norm = torch.logsumexp(scaled, dim=-1)
-        cross_entropy = log_norm - torch.linalg.vecdot(gather_tokens(teacher_probs, match), scaled)
-        ctx.save_for_backward(student_logits, teacher_probs, match, log_norm)
-        ctx.student_temp = student_temp
-        return cross_entropy
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        student_logits, teacher_probs, match, log_norm = ctx.saved_tensors
-        scaled = student_logits.to(_loss_dtype(student_logits)) / ctx.student_temp
-        grad = scaled.sub_(log_norm[..., None]).exp_()  # the student softmax, in place
-        grad.sub_(gather_tokens(teacher_probs, match)).mul_(grad_output[..., None] / ctx.student_temp)
-        return grad.to(student_logits.dtype), None, None, None
-
-
-def _loss_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision logits, float64 stays float64."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tokens[b, index[b, j]]`` for every ``b, j``: ``[B, T, K]`` and ``[B, J]`` -> ``[B, J, K]`` (-1 reads row 0)."""
-    return torch.gather(tokens, 1, index.clamp(min=0)[..., None].expand(-1, -1, tokens.shape[-1]))
-
-
 def teacher_temperature_schedule(args: argparse.Namespace) -> np.ndarray:
     """Per-epoch teacher temperature: linear warm-up, then constant."""
     warmup = np.linspace(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs)
@@ -712,7 +438,25 @@ def build_loss(args: argparse.Namespace) -> PatchWiseDINOLoss:
     num_positions = 1 + (args.global_crops_size // args.patch_size) ** 2 if args.patch_loss else 1
     return PatchWiseDINOLoss(args.out_dim, num_positions, teacher_temperature_schedule(args),
                              cls_weight=args.cls_weight, chunk_elements=args.loss_chunk_mib * 2 ** 18,
-                             compile=args.compile)
+                             compile=args.compile,
+                             patch_out_dim=patch_out_dim(args) if args.patch_head == "separate" else None)
+
+
+def patch_out_dim(args: argparse.Namespace) -> int:
+    """Prototypes of a separate patch head: ``--patch_out_dim``, by default ``--out_dim``."""
+    return args.out_dim if args.patch_out_dim is None else args.patch_out_dim
+
+
+def patch_augment_probability(args: argparse.Namespace) -> float:
+    """Probability that a view is patch-augmented: ``--patch_augment_p`` with ``--patch_augment``, else 0
+    (then no random number is drawn for it: runs without it are as before)."""
+    return args.patch_augment_p if args.patch_augment else 0.0
+
+
+def uses_fused_loss(args: argparse.Namespace) -> bool:
+    """``--fused_loss``, with ``auto`` resolved: fused when patch tokens are in the loss. With CLS tokens only,
+    the logits (``B x views x K``) are small and the plain computation measured faster on CPU."""
+    return args.patch_loss if args.fused_loss == "auto" else args.fused_loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -775,10 +519,13 @@ class Trainer:
         self.autocast_dtype, self.device = autocast_dtype, device
         self.run_facts = run_facts  # what else, besides the arguments, an exact resume needs unchanged
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
-        self.device_photometric = DevicePhotometric(args.local_crops_number) if args.gpu_augment else None
+        self.device_photometric = (DevicePhotometric(args.local_crops_number, patch_size=args.patch_size,
+                                                     patch_augment_p=patch_augment_probability(args))
+                                   if args.gpu_augment else None)
         self.stop_signals = utils.StopSignals()  # main installs it around the training loop
         self.stop_agreed = False  # under torchrun: a process had received a stop signal by the last step
         self.resumed_from: str | None = None  # the --resume_from file this run started from (kept in checkpoints)
+        self.fused_loss = uses_fused_loss(args)
 
     def step(self, images: list[torch.Tensor], geometry: torch.Tensor, epoch: int, iteration: int,
              iteration_in_epoch: int) -> dict[str, float]:
@@ -793,7 +540,7 @@ class Trainer:
         images = self._prepare_views(images)
         matches = compute_matches(geometry.to(self.device, non_blocking=True), self.args.patch_size,
                                   self.args.matching, self.args.patch_loss)
-        if self.args.fused_loss:
+        if self.fused_loss:
             loss, stats = self._fused_loss(images, matched_pairs(matches, self.args.cls_weight), epoch)
         else:
             loss, stats = self._reference_loss(images, matches, epoch)
@@ -836,9 +583,9 @@ class Trainer:
         """Forward passes to head embeddings (the student head on matched tokens only), then the fused loss."""
         with self._autocast():
             with torch.no_grad():
-                teacher_z, teacher_weight = self.teacher(images[:NUM_GLOBAL_VIEWS])  # only the global views
-            student_z, student_weight = self.student(images, pairs.rows)
-        return self.loss_fn(student_z, student_weight, teacher_z, teacher_weight, pairs, epoch, self.autocast_dtype)
+                teacher_z, teacher_weights = self.teacher(images[:NUM_GLOBAL_VIEWS])  # only the global views
+            student_z, student_weights = self.student(images, pairs.rows)
+        return self.loss_fn(student_z, student_weights, teacher_z, teacher_weights, pairs, epoch, self.autocast_dtype)
 
     def _reference_loss(self, images: list[torch.Tensor], matches: dict, epoch: int) -> tuple[torch.Tensor, dict]:
         """Forward passes to every token's logits, then the straightforward loss."""
@@ -926,10 +673,10 @@ class Trainer:
 RESUME_CRITICAL_ARGS = (
     "arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
     "norm_last_layer", "use_bn_in_head", "momentum_teacher", "drop_path_rate", "patch_loss", "cls_weight",
-    "matching", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs", "precision", "weight_decay",
-    "weight_decay_end", "clip_grad", "batch_size_per_gpu", "epochs", "freeze_last_layer", "lr", "warmup_epochs",
-    "min_lr", "optimizer", "global_crops_scale", "global_crops_size", "local_crops_number", "local_crops_scale",
-    "local_crops_size", "gpu_augment", "seed")
+    "matching", "patch_head", "patch_out_dim", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
+    "precision", "weight_decay", "weight_decay_end", "clip_grad", "batch_size_per_gpu", "epochs", "freeze_last_layer",
+    "lr", "warmup_epochs", "min_lr", "optimizer", "global_crops_scale", "global_crops_size", "local_crops_number",
+    "local_crops_scale", "local_crops_size", "patch_augment", "patch_augment_p", "gpu_augment", "seed")
 
 
 def checkpoint_state(trainer: Trainer, point: ResumePoint) -> dict:
@@ -1113,7 +860,8 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     """
     augmentation = MultiCropAugmentation(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
                                          args.local_crops_number, args.global_crops_size, args.local_crops_size,
-                                         photometric=not args.gpu_augment)
+                                         photometric=not args.gpu_augment,
+                                         patch_augment_p=patch_augment_probability(args), patch_size=args.patch_size)
     dataset = TrainingImages(utils.list_image_files(args.data_path), augmentation, args.strict_images)
     loader = DataLoader(dataset, sampler=ResumableSampler(dataset, args.seed), batch_size=args.batch_size_per_gpu,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,

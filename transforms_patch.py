@@ -2,7 +2,8 @@
 
 Each view carries its geometry (METHOD.md section 2): the crop box ``top, left, height, width`` in
 source-image pixels as drawn by RandomResizedCrop, whether it was ``flipped`` horizontally after
-cropping, and its output side ``size`` in pixels. Colour operations leave geometry unchanged.
+cropping, and its output side ``size`` in pixels. Colour operations, including the optional
+patch-level photometrics (METHOD.md section 5, ``PatchPhotometric``), leave geometry unchanged.
 Patch matching (``patch_matching.py``) turns two geometries into token correspondences.
 
 A geometry travels as a float64 tensor row ``[top, left, height, width, flipped, size]`` (float64
@@ -10,21 +11,30 @@ holds every pixel coordinate exactly, and the matching rule rounds float64 ratio
 
 All randomness comes from torch's global generator; nothing here reseeds it (training seeds it per
 sample, see ``patch_wise_dino.TrainingImages``). Every image gets its own views.
+
+Run as a script, draws one view before and after the patch-level photometrics:
+    python transforms_patch.py --output docs/patch_augment.png
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, ImageFilter
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+import utils
+from device_augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (defined there, imported from here too)
+from device_augment import (check_patch_size, check_probability, check_tiling, from_tiles, patch_photometric,
+                            same_size_runs, to_tiles)
+
 GEOMETRY_FIELDS = ("top", "left", "height", "width", "flipped", "size")
 
 
@@ -158,6 +168,31 @@ def photometric_transform(blur_p: float, solarize_p: float) -> transforms.Compos
     ])
 
 
+class PatchPhotometric:
+    """Patch-level photometric augmentation (METHOD.md section 5) of uint8 views in the data workers.
+
+    The float op is ``device_augment.patch_photometric``, the one ``--gpu_augment`` runs on the device:
+    uint8 ``[B, 3, S, S]`` -> ``/ 255`` -> every tile of ``patch_size`` augmented on its own (each view
+    with probability ``p``) -> rounded back to uint8 ``[B, 3, S, S]``. On the CPU each op runs only on the
+    tiles that apply it (the device runs it on all, masked); same draws, from torch's global CPU generator.
+    """
+
+    def __init__(self, patch_size: int, p: float = 1.0):
+        check_patch_size(patch_size)
+        check_probability(p, "patch_augment_p")
+        self.patch_size, self.p = patch_size, p
+
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        if views.dtype != torch.uint8:
+            raise TypeError(f"PatchPhotometric takes uint8 views [B, 3, S, S], got {views.dtype} (float views in "
+                            "[0, 1] go to device_augment.patch_photometric)")
+        images = patch_photometric(views.float().div_(255), self.patch_size, self.p)
+        return images.mul_(255).round_().to(torch.uint8)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(patch_size={self.patch_size}, p={self.p})"
+
+
 class MultiCropAugmentation:
     """DINO's multi-crop augmentation, returning the views and their geometry.
 
@@ -166,6 +201,11 @@ class MultiCropAugmentation:
     jittered (p=0.8), turned grayscale (p=0.2), blurred and solarized; with ``photometric=False``
     only cropped and flipped (the colour part then runs on the training device, ``device_augment.py``).
 
+    With ``patch_augment_p > 0`` every view then gets, with that probability, the patch-level
+    photometrics on tiles of ``patch_size`` (``PatchPhotometric``), here when ``photometric`` is true and
+    on the device otherwise. They run after all views are cut and coloured, so that the crops, flips and
+    DINO photometrics draw the same random numbers as without them; at 0 (the default) nothing is drawn.
+
     Calling it on a PIL image returns ``(views, geometry)``: a list of ``2 + local_crops_number``
     uint8 tensors ``[3, S, S]`` (S the global or local size; normalisation happens on the device)
     and a float64 tensor ``[V, 6]``.
@@ -173,9 +213,16 @@ class MultiCropAugmentation:
 
     def __init__(self, global_crops_scale: tuple[float, float] = (0.4, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
-                 global_crops_size: int = 224, local_crops_size: int = 96, photometric: bool = True):
+                 global_crops_size: int = 224, local_crops_size: int = 96, photometric: bool = True,
+                 patch_augment_p: float = 0.0, patch_size: int | None = None):
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
+        check_probability(patch_augment_p, "patch_augment_p")
+        if patch_augment_p > 0:
+            if patch_size is None:
+                raise ValueError("patch_augment_p > 0 needs patch_size (the ViT's patch size)")
+            for size in [global_crops_size] + [local_crops_size] * bool(local_crops_number):
+                check_tiling((1, 3, size, size), patch_size)
         self.local_crops_number = local_crops_number
         self.global_crop = RandomResizedCropWithGeometry(global_crops_size, scale=tuple(global_crops_scale))
         self.local_crop = RandomResizedCropWithGeometry(local_crops_size, scale=tuple(local_crops_scale))
@@ -188,6 +235,9 @@ class MultiCropAugmentation:
         else:
             self.global_photometrics = [transforms.PILToTensor()] * 2
             self.local_photometric = transforms.PILToTensor()
+        self.patch_augment_p, self.patch_size = patch_augment_p, patch_size
+        here = photometric and patch_augment_p > 0  # with photometric=False the device runs them
+        self.patch_photometric = PatchPhotometric(patch_size, patch_augment_p) if here else None
 
     @property
     def num_views(self) -> int:
@@ -206,12 +256,24 @@ class MultiCropAugmentation:
             view, geometry = self.flip(*crop(image))
             views.append(photometric(view))
             geometries.append(geometry.to_tensor())
+        if self.patch_photometric is not None:
+            views = self.patch_augment(views)
         return views, torch.stack(geometries)
 
+    def patch_augment(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The patch-level photometrics of uint8 views ``V x [3, S_v, S_v]``, one call per run of same-size views."""
+        augmented: list[torch.Tensor] = []
+        for run in same_size_runs(views):
+            augmented.extend(self.patch_photometric(torch.stack([views[v] for v in run])).unbind(0))
+        return augmented
+
     def __repr__(self) -> str:
+        where = "here" if self.photometric else "on the device"
+        patch = (f", patch photometrics p={self.patch_augment_p} on {self.patch_size}px tiles {where}"
+                 if self.patch_augment_p > 0 else "")
         return (f"{type(self).__name__}(global={self.global_crop.size[0]}px scale={self.global_crop.scale}, "
                 f"local={self.local_crops_number}x{self.local_crop.size[0]}px scale={self.local_crop.scale}, "
-                f"photometric={'here' if self.photometric else 'on the device'})")
+                f"photometric={where}{patch})")
 
 
 def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -241,3 +303,59 @@ def eval_transform(resize_size: int, crop_size: int) -> transforms.Compose:
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+# ----------------------------------------------------------------------------------------------
+# Script: a view before and after the patch-level photometrics.
+# ----------------------------------------------------------------------------------------------
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Patch-level photometric augmentation of one view, drawn",
+                                     description="Writes a random view of --image before and after the patch-level "
+                                                 "photometrics (METHOD.md section 5), with its tile grid.")
+    parser.add_argument("--image", default="test.png", type=Path, help="Source photo (any format PIL reads).")
+    parser.add_argument("--output", default="patch_augment.png", type=Path, help="Where to write the drawing (PNG).")
+    parser.add_argument("--size", default=224, type=int, help="Side of the view in pixels (a global view).")
+    parser.add_argument("--patch_size", default=16, type=int, help="Side of the tiles (the ViT's patch size).")
+    parser.add_argument("--seed", default=0, type=int, help="Seed of the crop, the flip and the tiles' draws.")
+    return parser
+
+
+def with_tile_grid(view: torch.Tensor, patch_size: int, gap: int = 1) -> Image.Image:
+    """uint8 view ``[3, S, S]`` -> PIL image with a white ``gap`` between its tiles (no pixel hidden)."""
+    tiles = F.pad(to_tiles(view[None], patch_size), (0, gap, 0, gap), value=255)
+    side = view.shape[-1] // patch_size * (patch_size + gap)
+    grid = from_tiles(tiles, (1, 3, side, side))[0, :, :side - gap, :side - gap]
+    return TF.to_pil_image(grid)
+
+
+def side_by_side(panels: dict[str, Image.Image], margin: int = 8, caption: int = 16) -> Image.Image:
+    """Equal-size panels in a row on white, each under its caption."""
+    width, height = next(iter(panels.values())).size
+    canvas = Image.new("RGB", (len(panels) * (width + margin) + margin, height + caption + margin), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, (title, panel) in enumerate(panels.items()):
+        left = margin + index * (width + margin)
+        draw.text((left, 2), title, fill="black")
+        canvas.paste(panel, (left, caption))
+    return canvas
+
+
+def main(args: argparse.Namespace) -> Path:
+    check_tiling((1, 3, args.size, args.size), args.patch_size)
+    if not args.image.is_file():
+        raise FileNotFoundError(f"image {args.image} not found; pass --image PATH to a photo")
+    image = Image.open(args.image).convert("RGB")
+    torch.manual_seed(args.seed)
+    crop, flip = RandomResizedCropWithGeometry(args.size, (0.4, 1.0)), RandomHorizontalFlipWithGeometry(p=0.5)
+    view, geometry = flip(*crop(image))
+    before = TF.pil_to_tensor(view)
+    after = PatchPhotometric(args.patch_size)(before[None])[0]
+    side_by_side({f"view ({args.size} px)": with_tile_grid(before, args.patch_size),
+                  f"patch-augmented ({args.patch_size} px tiles)": with_tile_grid(after, args.patch_size)}
+                 ).save(args.output, optimize=True)
+    print(f"view {geometry}; wrote {args.output} ({args.output.stat().st_size / 1000:.0f} kB)")
+    return args.output
+
+
+if __name__ == "__main__":
+    utils.run_script(main, get_args_parser())

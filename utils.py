@@ -40,6 +40,16 @@ def bool_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def auto_or_bool(value: str) -> str | bool:
+    """argparse type for a boolean that may also be left to the program: ``auto``, ``true`` or ``false``."""
+    if str(value).lower() == "auto":
+        return "auto"
+    try:
+        return bool_flag(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}") from None
+
+
 # Errors our own code raises on purpose to explain a problem and its fix (see ``run_script``).
 EXPLAINED_ERROR_TYPES = (ValueError, OSError, RuntimeError, ArithmeticError)
 PROJECT_DIR = Path(__file__).resolve().parent

@@ -23,6 +23,7 @@ import urllib.error
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -350,8 +351,8 @@ def backbone_state_dict(checkpoint: dict, checkpoint_key: str = "teacher") -> di
         raise KeyError(f"no '{checkpoint_key}' weights in this checkpoint; it holds {nested}: pass one of "
                        f"them with --checkpoint_key")
     stripped = utils.strip_prefixes(checkpoint, ("module.", "backbone."))
-    # Drop DINO's projection head and timm's classifier.
-    return {key: value for key, value in stripped.items() if not key.startswith(("head.", "fc_norm."))}
+    # Drop DINO's projection head, a separate patch head (--patch_head separate) and timm's classifier.
+    return {key: value for key, value in stripped.items() if not key.startswith(("head.", "patch_head.", "fc_norm."))}
 
 
 def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key: str = "teacher") -> None:
@@ -569,3 +570,17 @@ def resolve_weights_path(value: str) -> str:
         return value
     utils.run_on_main_process(lambda: download_reference_weights(value))
     return str(reference_weights_path(value))
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen patch features, shared by the dense evaluations (correspondence, video segmentation).
+# ----------------------------------------------------------------------------------------------
+def backbone_patch_features(model: VisionTransformer, n_last_blocks: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A feature function: normalised images ``[B, 3, H, W]`` -> patch tokens ``[B, N, n_last_blocks * D]``
+    (CLS dropped, patches row-major), each block's tokens L2-normalised so that the concatenation's cosine
+    is the mean over blocks. With ``n_last_blocks`` 1 these are DINO's video-segmentation features."""
+    def patch_tokens(images: torch.Tensor) -> torch.Tensor:
+        blocks = model.get_intermediate_layers(images, n_last_blocks)
+        return torch.cat([F.normalize(block[:, 1:].float(), dim=-1) for block in blocks], dim=-1)
+
+    return patch_tokens

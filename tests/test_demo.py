@@ -66,3 +66,21 @@ def test_make_compare_targets_prepare_a_holdout_and_pass_valid_recipes(root, tmp
     args = compare.get_args_parser().parse_args(argv + ["--data_path", str(tmp_path)])
     train = compare.training_args(args, [], 0, tmp_path / "run")  # the recipe passes the training script's checks
     assert train.patch_size in (4, 8) and train.global_crops_size == 32
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_compare_ablation_extends_the_comparison_with_valid_variants(root, tmp_path):
+    import shlex
+
+    import compare
+
+    steps = make_dry_run(root, "compare-ablation").replace("\\\n", " ").splitlines()
+    argv = shlex.split(steps[-1])[2:]
+    assert "--extend" in argv and steps[-2] == make_dry_run(root, "compare").replace("\\\n", " ").splitlines()[-1]
+    (tmp_path / "train").mkdir()
+    args = compare.get_args_parser().parse_args(argv + ["--data_path", str(tmp_path)])
+    variants = compare.parse_variants(args.variant)
+    assert list(variants) == ["dino", "pwself", "patch_augment", "separate_head"]
+    trains = {name: compare.training_args(args, extra, 0, tmp_path / name) for name, extra in variants.items()}
+    assert trains["patch_augment"].patch_augment and trains["patch_augment"].patch_head == "shared"
+    assert trains["separate_head"].patch_head == "separate" and not trains["separate_head"].patch_augment

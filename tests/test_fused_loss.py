@@ -5,8 +5,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import TINY_ARGS, random_geometries
-from patch_wise_dino import (PatchWiseDINOLoss, build_trainer, compute_matches, get_args_parser, logits_per_view,
-                             matched_pairs)
+from patch_wise_dino import build_trainer, get_args_parser
+from pwself_loss import PatchWiseDINOLoss, compute_matches, logits_per_view, matched_pairs
 
 PATCH, GLOBAL, LOCAL, K, D = 8, 32, 16, 24, 6
 
@@ -38,8 +38,8 @@ def make_loss(center, cls_weight=None, chunk_elements=2 ** 20):
 def reference_run(matches, student_z, student_w, teacher_z, teacher_w, center, cls_weight):
     pairs = matched_pairs(matches, cls_weight)
     loss_fn = make_loss(center, cls_weight)
-    student = logits_per_view(student_z, student_w, pairs.tokens_per_view, pairs.batch_size)
-    teacher = logits_per_view(teacher_z, teacher_w, pairs.tokens_per_view[:2], pairs.batch_size)
+    student = logits_per_view(student_z, (student_w,), pairs.tokens_per_view, pairs.batch_size)
+    teacher = logits_per_view(teacher_z, (teacher_w,), pairs.tokens_per_view[:2], pairs.batch_size)
     loss, stats = loss_fn.reference(student, teacher, matches, 0)
     return loss, torch.autograd.grad(loss, (student_z, student_w)), stats, loss_fn.center
 
@@ -48,7 +48,7 @@ def fused_run(matches, student_z, student_w, teacher_z, teacher_w, center, cls_w
               compute_dtype=None):
     pairs = matched_pairs(matches, cls_weight)
     loss_fn = make_loss(center, cls_weight, chunk_elements)
-    loss, stats = loss_fn(student_z[pairs.rows], student_w, teacher_z, teacher_w, pairs, 0, compute_dtype)
+    loss, stats = loss_fn(student_z[pairs.rows], (student_w,), teacher_z, (teacher_w,), pairs, 0, compute_dtype)
     return loss, torch.autograd.grad(loss, (student_z, student_w)), stats, loss_fn.center
 
 
@@ -103,7 +103,7 @@ def test_fused_half_precision_matmuls_stay_close_and_keep_dtypes():
 
 def test_wrong_center_shape_is_named():
     matches, student_z, student_w, teacher_z, teacher_w, center = make_batch(0)
-    with pytest.raises(ValueError, match="global crop size, patch size or out_dim changed"):
+    with pytest.raises(ValueError, match="global crop size, patch size, out_dim"):
         fused_run(matches, student_z, student_w, teacher_z, teacher_w, center[:3], None, 2 ** 20)
 
 

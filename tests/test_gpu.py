@@ -58,9 +58,11 @@ def _trainer_losses(tmp_path, extra, steps=2):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_fused_step_equals_reference_step_on_cuda(tmp_path, precision):
-    fused = _trainer_losses(tmp_path, ["--precision", precision, "--fused_loss", "true"])
-    reference = _trainer_losses(tmp_path, ["--precision", precision, "--fused_loss", "false"])
+@pytest.mark.parametrize("head", ["shared", "separate"])
+def test_fused_step_equals_reference_step_on_cuda(tmp_path, precision, head):
+    extra = ["--precision", precision, "--patch_head", head, "--patch_out_dim", "48"]
+    fused = _trainer_losses(tmp_path, extra + ["--fused_loss", "true"])
+    reference = _trainer_losses(tmp_path, extra + ["--fused_loss", "false"])
     assert fused == pytest.approx(reference, rel=2e-2 if precision == "bf16" else 1e-4)
 
 

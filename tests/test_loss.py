@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import random_geometries
 from patch_matching import match_patches
-from patch_wise_dino import MatchedCrossEntropy, PatchWiseDINOLoss, compute_matches, view_pairs
+from pwself_loss import MatchedCrossEntropy, PatchWiseDINOLoss, compute_matches, view_pairs
 
 PATCH, GLOBAL, LOCAL, K = 8, 32, 16, 12
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
@@ -22,6 +22,11 @@ def make_inputs(seed, batch=3, num_locals=2, scale=3.0):
     teacher = [scale * torch.randn(batch, tokens[0], K, generator=generator) for _ in range(2)]
     center = torch.randn(tokens[0], K, generator=generator)
     return geometry, student, teacher, center
+
+
+def per_head(logits):
+    """Per-view logits ``[B, T_v, K]`` in ``PatchWiseDINOLoss.reference``'s layout for one shared head."""
+    return [[view] for view in logits]
 
 
 def make_loss(center, cls_weight=None):
@@ -55,7 +60,7 @@ def reference_loss(student, teacher, geometry, center, cls_weight=None):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_loss_and_gradients_match_reference(seed, cls_weight):
     geometry, student, teacher, center = make_inputs(seed)
-    loss, stats = make_loss(center, cls_weight).reference(student, teacher, compute_matches(geometry, PATCH, "upstream", True), 0)
+    loss, stats = make_loss(center, cls_weight).reference(per_head(student), per_head(teacher), compute_matches(geometry, PATCH, "upstream", True), 0)
     grads = torch.autograd.grad(loss, student)
     expected = reference_loss(student, teacher, geometry, center, cls_weight)
     expected_grads = torch.autograd.grad(expected, student)
@@ -71,7 +76,7 @@ def test_view_pair_with_no_patch_pairs_uses_cls_only():
     geometry[:, :2, :4] = torch.tensor([0.0, 0.0, 30.0, 30.0])
     geometry[:, 2, :4] = torch.tensor([40.0, 40.0, 10.0, 10.0])
     for cls_weight in (None, 0.9):
-        loss, _ = make_loss(center, cls_weight).reference(student, teacher, compute_matches(geometry, PATCH, "upstream", True), 0)
+        loss, _ = make_loss(center, cls_weight).reference(per_head(student), per_head(teacher), compute_matches(geometry, PATCH, "upstream", True), 0)
         torch.testing.assert_close(loss, reference_loss(student, teacher, geometry, center, cls_weight))
 
 
@@ -91,14 +96,14 @@ def test_without_patch_loss_it_is_dinos_cls_loss():
                 terms += 1
     geometry = torch.zeros(batch, views, 6)
     matches = compute_matches(geometry, PATCH, "upstream", patch_loss=False)
-    loss, _ = make_loss(center).reference([s[:, None] for s in student], [t[:, None] for t in teacher], matches, 0)
+    loss, _ = make_loss(center).reference(per_head([s[:, None] for s in student]), per_head([t[:, None] for t in teacher]), matches, 0)
     torch.testing.assert_close(loss, total / terms)
 
 
 def test_center_update_per_position():
     geometry, student, teacher, center = make_inputs(2)
     loss_fn = make_loss(center)
-    loss_fn.reference(student, teacher, compute_matches(geometry, PATCH, "upstream", True), 0)
+    loss_fn.reference(per_head(student), per_head(teacher), compute_matches(geometry, PATCH, "upstream", True), 0)
     expected = 0.9 * center + 0.1 * torch.cat(teacher).mean(0)
     torch.testing.assert_close(loss_fn.center, expected)
     assert "center" in loss_fn.state_dict() and loss_fn.state_dict()["center"].shape == (1 + 16, K)
@@ -109,7 +114,7 @@ def test_centre_matching_and_statistics():
     matches = compute_matches(geometry, PATCH, "centre", True)
     assert set(matches) == set(view_pairs(4)) and len(matches) == 6
     assert matches[(0, 2)].shape == (3, 1 + 4) and matches[(1, 0)].shape == (3, 1 + 16)
-    _, stats = make_loss(center).reference(student, teacher, matches, 0)
+    _, stats = make_loss(center).reference(per_head(student), per_head(teacher), matches, 0)
     counted = sum((m[:, 1:] >= 0).sum().item() for m in matches.values())
     assert stats["matched_patches"].item() == pytest.approx(counted / (6 * 3))
     assert 0 < stats["teacher_entropy"].item() < np.log(K)
@@ -118,8 +123,8 @@ def test_centre_matching_and_statistics():
 def test_wrong_teacher_shape_is_named():
     geometry, student, teacher, center = make_inputs(0)
     loss_fn = make_loss(center[:5])
-    with pytest.raises(ValueError, match="global crop size, patch size or out_dim changed"):
-        loss_fn.reference(student, teacher, compute_matches(geometry, PATCH, "upstream", True), 0)
+    with pytest.raises(ValueError, match="global crop size, patch size, out_dim"):
+        loss_fn.reference(per_head(student), per_head(teacher), compute_matches(geometry, PATCH, "upstream", True), 0)
 
 
 def test_matched_cross_entropy_gradcheck():

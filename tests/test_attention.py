@@ -1,0 +1,129 @@
+"""Attention maps: exact sums, DINO's thresholded masks, the script end to end."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vision_transformer as vits
+import visualize_attention as va
+from conftest import TINY_BACKBONE_ARGS
+
+
+def parse(*extra: str):
+    return va.get_args_parser().parse_args(TINY_BACKBONE_ARGS + ["--device", "cpu", *extra])
+
+
+def final_line(output: str) -> dict:
+    return json.loads(next(line for line in output.splitlines() if line.startswith("FINAL "))[len("FINAL "):])
+
+
+def write_image(path: Path, width: int = 40, height: int = 32, seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def tiny_model() -> vits.VisionTransformer:
+    torch.manual_seed(0)
+    return vits.vit_tiny(patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps and masks.
+# ----------------------------------------------------------------------------------------------
+def test_maps_are_the_cls_row_and_sum_to_one_less_the_cls_share():
+    model, image = tiny_model(), torch.randn(1, 3, 16, 24)
+    maps, cls_share = va.attention_maps(model, image)
+    assert maps.shape == (2, 4, 6) and cls_share.shape == (2,)
+    attention = model.get_last_selfattention(image)[0, :, 0]  # [heads, 1 + N]
+    torch.testing.assert_close(maps.reshape(2, -1), attention[:, 1:])  # patches row-major, as the tokens
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), 1 - cls_share, rtol=0, atol=1e-6)
+    assert (cls_share > 0).all() and (cls_share < 1).all()
+
+
+def test_masks_by_hand():
+    attention = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.2, 0.8, 0.4, 0.6]])  # the second row is the first, doubled
+    assert va.threshold_masks(attention, 0.65).tolist() == [[False, True, False, True]] * 2  # 0.7 of the mass
+    assert va.threshold_masks(attention, 0.75).tolist() == [[False, True, True, True]] * 2  # 0.9
+    assert va.threshold_masks(attention, 0.35).tolist() == [[False, True, False, False]] * 2  # 0.4
+    assert va.threshold_masks(attention, 1.0).all()
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.6, 0.9, 0.99])
+def test_masks_keep_the_mass_with_the_fewest_patches(threshold):
+    attention = torch.rand(5, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64) ** 3
+    masks = va.threshold_masks(attention, threshold)
+    shares = attention / attention.sum(dim=1, keepdim=True)
+    for head in range(5):
+        kept, dropped = shares[head][masks[head]], shares[head][~masks[head]]
+        assert kept.sum() >= threshold  # enough mass
+        assert kept.sum() - kept.min() < threshold  # no patch could go
+        assert dropped.numel() == 0 or kept.min() >= dropped.max()  # the largest ones: no smaller set does it
+
+
+# ----------------------------------------------------------------------------------------------
+# The script.
+# ----------------------------------------------------------------------------------------------
+def test_script_on_one_image_writes_maps_masks_and_figure(tmp_path, capsys):
+    image, output = write_image(tmp_path / "photo.png"), tmp_path / "out"
+    result = va.main(parse("--random_init", "--image_path", str(image), "--image_size", "16", "--output_dir",
+                           str(output), "--output_json", str(tmp_path / "attention.json")))
+    assert final_line(capsys.readouterr().out) == json.loads((tmp_path / "attention.json").read_text()) == result
+    entry, = result["images"]
+    # A 40x32 image with its shorter side resized to 16 is 20x16: a 4x5 grid of 4 px patches.
+    assert entry["size"] == [16, 20] and entry["grid"] == [4, 5] and entry["heads"] == 2
+    assert all(mass >= 0.6 for mass in entry["mass_kept"]) and all(0 < n <= 20 for n in entry["patches_kept"])
+    names = {"img.png", "attention.png"} | {f"{kind}-head{h}.png" for kind in ("attn", "mask") for h in range(2)}
+    assert {path.name for path in output.iterdir()} == names
+    for head in range(2):
+        with Image.open(output / f"attn-head{head}.png") as heat, Image.open(output / f"mask-head{head}.png") as mask:
+            assert heat.size == mask.size == (20, 16) and heat.mode == "RGB"
+            pixels = np.array(mask)
+            assert set(np.unique(pixels)) <= {0, 255}
+            assert (pixels == 255).sum() == entry["patches_kept"][head] * 16  # whole 4x4 patches
+    with Image.open(output / "attention.png") as figure:
+        assert figure.width > 300
+
+
+def test_script_on_a_folder_with_trained_weights(trained_checkpoint, tmp_path):
+    folder = tmp_path / "images"
+    for name, seed in (("a.png", 0), ("b.jpg", 1), ("b.png", 2)):
+        write_image(folder / name, seed=seed)
+    result = va.main(parse("--pretrained_weights", str(trained_checkpoint), "--image_path", str(folder),
+                           "--image_size", "16", "24", "--threshold", "0.3", "--output_dir", str(tmp_path / "out")))
+    assert [Path(entry["output_dir"]).name for entry in result["images"]] == ["a", "b.jpg", "b.png"]
+    assert all(entry["size"] == [16, 24] and entry["grid"] == [4, 6] for entry in result["images"])
+    assert all((Path(entry["output_dir"]) / "attention.png").is_file() for entry in result["images"])
+    assert result["weights"] == str(trained_checkpoint) and result["threshold"] == 0.3
+
+
+def test_sides_are_cropped_to_whole_patches(tmp_path):
+    pixels, model_input = va.prepare_image(write_image(tmp_path / "odd.png", 45, 30), [30], 4)
+    # shorter side 30 -> 30x45, cropped at the bottom and right to 28x44
+    assert pixels.shape == (3, 28, 44) and model_input.shape == (1, 3, 28, 44)
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--threshold", "0"], ValueError, r"--threshold must lie in \(0, 1\]"),
+    (["--threshold", "1.5"], ValueError, r"--threshold must lie in \(0, 1\]"),
+    (["--image_size", "2"], ValueError, r"--image_size 2 is smaller than one patch \(--patch_size 4\)"),
+    (["--image_size", "16", "16", "16"], ValueError, r"--image_size takes one number"),
+])
+def test_bad_arguments_are_named(extra, error, message, tmp_path):
+    image = write_image(tmp_path / "photo.png")
+    with pytest.raises(error, match=message):
+        va.main(parse("--random_init", "--image_path", str(image), *extra))
+
+
+def test_missing_and_empty_inputs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--image_path .*nothing.png does not exist"):
+        va.main(parse("--random_init", "--image_path", str(tmp_path / "nothing.png")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no images in .*empty"):
+        va.main(parse("--random_init", "--image_path", str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match=r"give either --pretrained_weights PATH or --random_init"):
+        va.main(parse("--image_path", str(write_image(tmp_path / "photo.png"))))
