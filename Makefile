@@ -2,14 +2,15 @@
 #             patch-matching figure, training curves), in about 9 minutes on 2 cores.
 # make compare : PW-Self against DINO on Fashion-MNIST, 3 seeds each, k-NN / linear / correspondence, one
 #             table (compare_output/comparison.md), in about 26 minutes on 2 cores; reruns reuse what is done.
-# make compare-ablation : after make compare, the 2024 method's parts in the same table: PW-Self with patch-level
-#             photometric augmentation and PW-Self with a separate patch head (3 seeds each), about 1 hour on 2 cores.
+# make compare-ablation : after make compare, the 2024 method's parts in one table (compare_ablation/comparison.md):
+#             PW-Self with patch-level photometric augmentation and with a separate patch head (3 seeds each), about
+#             1 hour on 2 cores.
 # make compare-more : after make compare, the investigations of README "Results" (CLS weight, matching rule,
 #             10 epochs, patch 4), about 1 hour 40 minutes on 2 cores.
 # make compare-cifar10 CIFAR10=path/to/cifar-10-python.tar.gz : the same on CIFAR-10 at 32 px, patch 4, on a GPU
 #             (a starting recipe, not run by us: we had no GPU).
 # make test : the test suite (set-up included); .ci/run calls it.
-# make bench-gpu : the README's performance tables on one CUDA GPU (three runs; about 2, 3 and 6 min on an H100).
+# make bench-gpu : the README's performance tables on one CUDA GPU (four runs; about 2, 3, 2 and 6 min on an H100).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -66,7 +67,8 @@ compare: setup fashion-mnist
 	$(COMPARE_RUN) --output_dir $(COMPARE)
 
 compare-ablation: compare
-	$(COMPARE_RUN) --output_dir $(COMPARE) --extend --variant "patch_augment=--patch_augment true" \
+	test -d compare_ablation || cp -r $(COMPARE) compare_ablation
+	$(COMPARE_RUN) --output_dir compare_ablation --extend --variant "patch_augment=--patch_augment true" \
 		--variant "separate_head=--patch_head separate"
 
 compare-more: compare
@@ -89,5 +91,7 @@ bench-gpu: setup
 	$(BENCH_GPU) --out_dim 65536 10000 --patch_loss true false --precision bf16 --num_workers 16 --json bench_gpu.json
 	$(BENCH_GPU) --parts step --out_dim 65536 --fused_loss true false --precision bf16 fp32 --gpu_augment false true \
 		--json bench_gpu_levers.json
+	$(BENCH_GPU) --parts step --out_dim 65536 --patch_head shared separate --patch_augment false true --gpu_augment true \
+		--precision bf16 --json bench_gpu_2024.json
 	$(BENCH_GPU) --parts step --out_dim 65536 10000 --patch_loss true false --precision bf16 --compile true \
 		--warmup 3 --steps 10 --json bench_gpu_compiled.json

@@ -76,7 +76,9 @@ def test_make_compare_ablation_extends_the_comparison_with_valid_variants(root, 
 
     steps = make_dry_run(root, "compare-ablation").replace("\\\n", " ").splitlines()
     argv = shlex.split(steps[-1])[2:]
-    assert "--extend" in argv and steps[-2] == make_dry_run(root, "compare").replace("\\\n", " ").splitlines()[-1]
+    assert "--extend" in argv and argv[argv.index("--output_dir") + 1] == "compare_ablation"
+    assert steps[-3] == make_dry_run(root, "compare").replace("\\\n", " ").splitlines()[-1]  # the comparison, then a copy
+    assert steps[-2].startswith("test -d compare_ablation || cp -r")
     (tmp_path / "train").mkdir()
     args = compare.get_args_parser().parse_args(argv + ["--data_path", str(tmp_path)])
     variants = compare.parse_variants(args.variant)

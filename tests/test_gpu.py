@@ -84,6 +84,30 @@ def test_device_photometric_on_cuda_is_seeded_and_in_range():
     assert all(torch.equal(a, b) and a.device.type == "cuda" for a, b in zip(*runs))
 
 
+def test_patch_photometric_on_cuda_is_seeded_tile_local_and_in_range():
+    import device_augment as da
+
+    views = torch.rand(4, 3, 32, 32, device="cuda")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(da.patch_photometric(views, 8, p=torch.tensor([1.0, 1.0, 0.0, 1.0], device="cuda")))
+    assert torch.equal(runs[0], runs[1]) and runs[0].device.type == "cuda"
+    assert torch.equal(runs[0][2], views[2]) and not torch.equal(runs[0][0], views[0])
+    assert 0 <= runs[0].min() and runs[0].max() <= 1
+    changed = views.clone()
+    changed[:, :, :8, :8] = 0.5  # one tile of every view
+    torch.manual_seed(0)
+    other = da.patch_photometric(changed, 8, p=torch.tensor([1.0, 1.0, 0.0, 1.0], device="cuda"))
+    assert torch.equal(other[:, :, 8:, :], runs[0][:, :, 8:, :]) and torch.equal(other[:, :, :8, 8:], runs[0][:, :, :8, 8:])
+
+
+def test_training_with_the_2024_options_runs_on_cuda(tmp_path):
+    losses = _trainer_losses(tmp_path, ["--precision", "bf16", "--patch_head", "separate", "--gpu_augment", "true",
+                                        "--patch_augment", "true"])
+    assert all(abs(loss) < float("inf") for loss in losses)  # finite: not NaN, not infinite
+
+
 def test_bench_runs_on_cuda(tmp_path):
     import bench
     from test_bench import TINY
