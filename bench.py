@@ -109,7 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 def step_variants(args: argparse.Namespace) -> list[dict]:
     """Every combination of the step options that take several values."""
-    names = ("out_dim", "patch_loss", "fused_loss", "patch_head", "patch_augment", "precision", "compile", "gpu_augment")
+    names = ("out_dim", "patch_loss", "fused_loss", "patch_head", "patch_augment", "precision", "compile",
+             "gpu_augment")
     return [dict(zip(names, values)) for values in itertools.product(*(getattr(args, name) for name in names))]
 
 

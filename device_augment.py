@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+import utils
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # here, not in transforms_patch, which imports this module
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -91,13 +93,7 @@ class DevicePhotometric:
 
 def same_size_runs(views: list[torch.Tensor]) -> list[list[int]]:
     """Indices of consecutive views with the same shape: ``[224, 224, 96, 96] -> [[0, 1], [2, 3]]``."""
-    runs: list[list[int]] = []
-    for index, view in enumerate(views):
-        if runs and views[runs[-1][-1]].shape == view.shape:
-            runs[-1].append(index)
-        else:
-            runs.append([index])
-    return runs
+    return utils.consecutive_runs([view.shape for view in views])
 
 
 def _per_sample_values(per_view: list[float], batch: int, device: torch.device) -> torch.Tensor:

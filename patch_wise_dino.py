@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import utils
 import vision_transformer as vits
 from patch_matching import MATCHING_MODES
-from device_augment import DevicePhotometric, normalize
+from device_augment import DevicePhotometric, normalize, same_size_runs
 from pwself_loss import (NUM_GLOBAL_VIEWS, MatchedPairs, PatchWiseDINOLoss, compute_matches, logits_per_view,
                          matched_pairs, tokens_per_view)
 from transforms_patch import MultiCropAugmentation, collate_multicrop
@@ -347,14 +347,12 @@ class MultiCropWrapper(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: DINOHead, patch_tokens: bool, patch_head: DINOHead | None = None):
         super().__init__()
-        self.backbone, self.head, self.patch_tokens = backbone, head, patch_tokens
-        if patch_head is not None:
-            self.patch_head = patch_head
+        self.backbone, self.head, self.patch_head, self.patch_tokens = backbone, head, patch_head, patch_tokens
 
     @property
     def heads(self) -> list[DINOHead]:
         """The heads in ``pwself_loss.head_positions`` order: ``[head]``, or ``[head, patch_head]``."""
-        return [self.head] + ([self.patch_head] if hasattr(self, "patch_head") else [])
+        return [self.head] + ([self.patch_head] if self.patch_head is not None else [])
 
     def forward(self, views: list[torch.Tensor],
                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -364,7 +362,7 @@ class MultiCropWrapper(nn.Module):
         those alone; ``None`` keeps all ``sum_v B * T_v``. A head with batch norm always sees every
         token it serves (its statistics must not depend on the selection).
         """
-        outputs = [self._tokens(torch.cat(group)) for group in _consecutive_size_groups(views)]
+        outputs = [self._tokens(torch.cat([views[v] for v in run])) for run in same_size_runs(views)]
         tokens = torch.cat([output.flatten(0, 1) for output in outputs])
         is_cls = _cls_flags(outputs) if len(self.heads) > 1 else None
         if rows is not None and not any(isinstance(m, nn.BatchNorm1d) for h in self.heads for m in h.mlp.modules()):
@@ -394,16 +392,6 @@ def _cls_flags(outputs: list[torch.Tensor]) -> torch.Tensor:
                       for output in outputs])
 
 
-def _consecutive_size_groups(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: list[list[torch.Tensor]] = []
-    for view in views:
-        if groups and groups[-1][-1].shape[-2:] == view.shape[-2:]:
-            groups[-1].append(view)
-        else:
-            groups.append([view])
-    return groups
-
-
 def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (with drop-path) and teacher (a frozen copy of the student's weights)."""
     def head(width: int, out_dim: int) -> DINOHead:
@@ -411,7 +399,7 @@ def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, M
                         hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
 
     def patch_head(width: int) -> DINOHead | None:
-        return head(width, patch_out_dim(args)) if args.patch_head == "separate" else None
+        return None if patch_out_dim(args) is None else head(width, patch_out_dim(args))
 
     student_backbone = vits.build_backbone(args, args.global_crops_size, args.drop_path_rate)
     teacher_backbone = vits.build_backbone(args, args.global_crops_size)
@@ -438,12 +426,13 @@ def build_loss(args: argparse.Namespace) -> PatchWiseDINOLoss:
     num_positions = 1 + (args.global_crops_size // args.patch_size) ** 2 if args.patch_loss else 1
     return PatchWiseDINOLoss(args.out_dim, num_positions, teacher_temperature_schedule(args),
                              cls_weight=args.cls_weight, chunk_elements=args.loss_chunk_mib * 2 ** 18,
-                             compile=args.compile,
-                             patch_out_dim=patch_out_dim(args) if args.patch_head == "separate" else None)
+                             compile=args.compile, patch_out_dim=patch_out_dim(args))
 
 
-def patch_out_dim(args: argparse.Namespace) -> int:
-    """Prototypes of a separate patch head: ``--patch_out_dim``, by default ``--out_dim``."""
+def patch_out_dim(args: argparse.Namespace) -> int | None:
+    """Prototypes of the separate patch head (``--patch_out_dim``, by default ``--out_dim``); None when shared."""
+    if args.patch_head != "separate":
+        return None
     return args.out_dim if args.patch_out_dim is None else args.patch_out_dim
 
 

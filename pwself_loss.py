@@ -80,7 +80,7 @@ class MatchedPairs:
 def matched_pairs(matches: dict[tuple[int, int], torch.Tensor], cls_weight: float | None) -> MatchedPairs:
     """Turn ``compute_matches``'s per-pair index maps into flat rows, partners and loss weights."""
     tokens, batch = tokens_per_view(matches), len(matches[(1, 0)])
-    groups = [_group_partners(matches, views, tokens[0], cls_weight) for views in _equal_token_groups(tokens)]
+    groups = [_group_partners(matches, views, tokens[0], cls_weight) for views in utils.consecutive_runs(tokens)]
     partners, weights, is_cls = (torch.cat(parts) for parts in zip(*groups))
     rows = torch.nonzero((partners >= 0).any(1)).flatten()
     return MatchedPairs(rows, partners[rows], weights[rows], is_cls[rows], tokens, batch, len(matches))
@@ -95,17 +95,6 @@ def tokens_per_view(matches: dict[tuple[int, int], torch.Tensor]) -> list[int]:
 def _a_pair_of(view: int) -> tuple[int, int]:
     """A view pair in which ``view`` is the student: global view 1 teaches view 0, global view 0 all others."""
     return (1 if view == 0 else 0), view
-
-
-def _equal_token_groups(tokens: list[int]) -> list[list[int]]:
-    """Consecutive views with the same number of tokens: ``[197, 197, 37, 37] -> [[0, 1], [2, 3]]``."""
-    groups: list[list[int]] = []
-    for view, count in enumerate(tokens):
-        if groups and tokens[groups[-1][-1]] == count:
-            groups[-1].append(view)
-        else:
-            groups.append([view])
-    return groups
 
 
 def _group_partners(matches: dict[tuple[int, int], torch.Tensor], views: list[int], teacher_tokens: int,
@@ -204,19 +193,18 @@ class PatchWiseDINOLoss(nn.Module):
         super().__init__()
         self.student_temp, self.center_momentum, self.cls_weight = student_temp, center_momentum, cls_weight
         self.teacher_temps, self.chunk_elements, self.compile = teacher_temps, chunk_elements, compile
-        if patch_out_dim is None:
-            self.register_buffer("center", torch.zeros(num_positions, out_dim))
-        else:
-            if num_positions < 2:
-                raise ValueError("a separate patch head needs patch tokens (--patch_loss true)")
-            self.register_buffer("center", torch.zeros(1, out_dim))
-            self.register_buffer("patch_center", torch.zeros(num_positions - 1, patch_out_dim))
+        if patch_out_dim is not None and num_positions < 2:
+            raise ValueError("a separate patch head needs patch tokens (--patch_loss true)")
+        cls_positions = num_positions if patch_out_dim is None else 1
+        self.register_buffer("center", torch.zeros(cls_positions, out_dim))
+        self.register_buffer("patch_center",  # None (not in the state dict) with a shared head
+                             None if patch_out_dim is None else torch.zeros(num_positions - 1, patch_out_dim))
         self.piggyback: torch.Tensor | None = None  # see _sum_over_processes
 
     @property
     def centers(self) -> tuple[torch.Tensor, ...]:
         """One center per head, in ``head_positions`` order."""
-        return (self.center,) if not hasattr(self, "patch_center") else (self.center, self.patch_center)
+        return (self.center,) if self.patch_center is None else (self.center, self.patch_center)
 
     def forward(self, student_z: torch.Tensor, student_weights: tuple[torch.Tensor, ...], teacher_z: torch.Tensor,
                 teacher_weights: tuple[torch.Tensor, ...], pairs: MatchedPairs, epoch: int,

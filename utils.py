@@ -16,7 +16,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,18 @@ def bool_flag(value: str) -> bool:
     if lowered in {"false", "off", "no", "0"}:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def consecutive_runs(keys: Sequence) -> list[list[int]]:
+    """Indices of runs of equal consecutive keys: ``[224, 224, 96, 96, 224] -> [[0, 1], [2, 3], [4]]`` (views of
+    one size go through a model or an augmentation as one batch)."""
+    runs: list[list[int]] = []
+    for index, key in enumerate(keys):
+        if runs and keys[runs[-1][-1]] == key:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
 
 
 def auto_or_bool(value: str) -> str | bool:

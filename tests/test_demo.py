@@ -77,7 +77,8 @@ def test_make_compare_ablation_extends_the_comparison_with_valid_variants(root, 
     steps = make_dry_run(root, "compare-ablation").replace("\\\n", " ").splitlines()
     argv = shlex.split(steps[-1])[2:]
     assert "--extend" in argv and argv[argv.index("--output_dir") + 1] == "compare_ablation"
-    assert steps[-3] == make_dry_run(root, "compare").replace("\\\n", " ").splitlines()[-1]  # the comparison, then a copy
+    comparison = make_dry_run(root, "compare").replace("\\\n", " ").splitlines()[-1]
+    assert steps[-3] == comparison  # the comparison itself, then a copy of it, then the extension
     assert steps[-2].startswith("test -d compare_ablation || cp -r")
     (tmp_path / "train").mkdir()
     args = compare.get_args_parser().parse_args(argv + ["--data_path", str(tmp_path)])
