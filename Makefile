@@ -7,6 +7,11 @@
 #             1 hour on 2 cores.
 # make compare-more : after make compare, the investigations of README "Results" (CLS weight, matching rule,
 #             10 epochs, patch 4), about 1 hour 40 minutes on 2 cores.
+# make compare-scenes : PW-Self against DINO trained on multi-garment scene canvases (labels unused), 3 seeds each,
+#             segmentation from frozen patch tokens (linear probe and retrieval mIoU) and correspondence
+#             (compare_scenes/comparison.md), about 70 minutes on 2 cores.
+# make compare-scenes-transfer : after make compare, its single-garment models evaluated alike on the scenes
+#             (compare_scenes_transfer/comparison.md), about 15 minutes on 2 cores.
 # make compare-cifar10 CIFAR10=path/to/cifar-10-python.tar.gz : the same on CIFAR-10 at 32 px, patch 4, on a GPU
 #             (a starting recipe, not run by us: we had no GPU).
 # make test : the test suite (set-up included); .ci/run calls it.
@@ -24,12 +29,19 @@ RECIPE := $(ARCH) --out_dim 512 --head_hidden_dim 256 --head_bottleneck_dim 64 -
 	--lr 0.006 --momentum_teacher 0.99 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --print_freq 500
 COMPARE := compare_output
 COMPARE_DATA := data/fashion_mnist_holdout
+SCENES := data/fashion_mnist_scenes
+# The comparison's recipe on 64 px canvases: 48 and 24 px crops keep a garment's share of a crop near the
+# single-garment one; evaluations see the whole 64 px canvas (8 x 8 patches).
+SCENE_RECIPE := $(RECIPE) --global_crops_size 48 --local_crops_size 24
+SCENE_RUN := $(PY) compare.py --data_path $(SCENES) --seeds 3 --crop_size 64 --segmentation_args "--epochs 10" \
+	--correspondence_args "--num_images 1000" --device cpu --num_workers 2
 CIFAR10 ?= cifar-10-python.tar.gz
 CIFAR_RECIPE := --arch vit_small --patch_size 4 --global_crops_size 32 --local_crops_size 16 --local_crops_number 6 \
 	--out_dim 8192 --batch_size_per_gpu 256 --epochs 100 --warmup_epochs 10 --lr 0.001 --momentum_teacher 0.99 \
 	--teacher_temp 0.04 --warmup_teacher_temp 0.04 --print_freq 50
 
-.PHONY: setup test demo compare compare-ablation compare-more compare-cifar10 fashion-mnist clean-demo bench-gpu
+.PHONY: setup test demo compare compare-ablation compare-more compare-scenes compare-scenes-transfer compare-cifar10 \
+	fashion-mnist scenes clean-demo bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -76,6 +88,15 @@ compare-more: compare
 	$(COMPARE_RUN) --output_dir compare_more --extend --variant "cls0.5=--cls_weight 0.5" --variant "centre=--matching centre"
 	$(COMPARE_RUN) --output_dir compare_10ep --train_args "$(RECIPE) --epochs 10"
 	$(COMPARE_RUN) --output_dir compare_p4 --train_args "$(RECIPE) --patch_size 4"
+
+scenes: setup fashion-mnist
+	test -f $(SCENES)/VOC2012/ImageSets/Segmentation/val.txt || $(PY) prepare_data.py --dataset fashion_mnist_scenes --output_dir $(SCENES)
+
+compare-scenes: scenes
+	$(SCENE_RUN) --train_args "$(SCENE_RECIPE)" --output_dir compare_scenes
+
+compare-scenes-transfer: compare scenes
+	$(SCENE_RUN) --trained_in $(COMPARE) --output_dir compare_scenes_transfer
 
 compare-cifar10: setup
 	$(PY) prepare_data.py --dataset cifar10 --source $(CIFAR10) --output_dir data/cifar10_holdout --holdout 500

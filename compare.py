@@ -9,7 +9,11 @@ Every method trains with the same ``--train_args`` on ``<data_path>/train`` for 
 and each ``--variant NAME=ARGS`` is PW-Self with ``ARGS`` appended (later arguments win, so a variant
 may also change the patch size or switch the patch loss off). Every final teacher is evaluated with
 k-NN, a short linear probe and ``eval_correspondence.py`` on ``<data_path>/<eval_split>``, and so are
-random weights (the floor). The table gives mean +- standard deviation over seeds per method and
+random weights (the floor). ``--segmentation_args`` adds ``eval_segmentation.py`` (linear and retrieval mIoU
+on the masks of ``<data_path>``, by default a ``voc`` layout such as ``prepare_data.py --dataset
+fashion_mnist_scenes`` writes); k-NN and linear are left out where ``<data_path>/train`` has no class
+folders (images without labels). ``--trained_in DIR`` evaluates the teachers of the comparison in ``DIR``
+instead of training (e.g. models trained on one dataset, evaluated on another). The table gives mean +- standard deviation over seeds per method and
 metric, and each method's paired difference to ``dino`` seed by seed.
 
 Outputs in ``--output_dir``: ``compare_args.json`` (the settings: a rerun with other ones is refused),
@@ -38,6 +42,7 @@ import numpy as np
 import eval_correspondence
 import eval_knn
 import eval_linear
+import eval_segmentation
 import patch_wise_dino
 import utils
 import vision_transformer as vits
@@ -70,8 +75,12 @@ METRICS = (
     Metric("corr_textured", "corr. exact (textured)", "correspondence",
            lambda result: result["textured"]["accuracy"]),
     Metric("corr_error", "corr. error (patches)", "correspondence", lambda result: result["all"]["mean_error"]),
+    Metric("seg_linear", "seg. linear mIoU", "segmentation", lambda result: result.get("linear", {}).get("mIoU")),
+    Metric("seg_retrieval", "seg. retrieval mIoU", "segmentation",
+           lambda result: result.get("retrieval", {}).get("mIoU")),
 )
-EVALUATIONS = ("knn", "linear", "correspondence")
+SCRIPTS = {"knn": eval_knn, "linear": eval_linear, "correspondence": eval_correspondence,
+           "segmentation": eval_segmentation}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -102,6 +111,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--correspondence_args", default="", type=str,
                         help="Extra arguments of eval_correspondence.py as one quoted string (e.g. "
                              "'--num_images 500 --texture_threshold 10'); --size defaults to the crop size.")
+    parser.add_argument("--segmentation_args", default=None, type=str,
+                        help="Also evaluate segmentation from frozen patch tokens (eval_segmentation.py, linear and "
+                             "retrieval mIoU, trained on the train split of the masks at --data_path, scored on "
+                             "--eval_split): its extra arguments as one quoted string, '' for its defaults. "
+                             "--dataset defaults to voc, --size to the crop size, --seed to the run's seed.")
+    parser.add_argument("--trained_in", default=None, type=Path,
+                        help="Evaluate the finished teachers of the comparison in this folder (its methods, and "
+                             "its first --seeds seeds) instead of training; --train_args and --variant must then "
+                             "be left out: they come from that comparison.")
     parser.add_argument("--resize_size", default=None, type=int,
                         help="Evaluation resize of the shorter side (default: the crop size, no border cut).")
     parser.add_argument("--crop_size", default=None, type=int,
@@ -125,10 +143,19 @@ class Run:
     seed: int | None
     folder: Path
     train: argparse.Namespace | None
+    checkpoint: Path | None = None  # set when the run was trained elsewhere (--trained_in)
 
     @property
     def label(self) -> str:
         return self.method if self.seed is None else f"{self.method} seed {self.seed}"
+
+    @property
+    def trains_here(self) -> bool:
+        return self.seed is not None and self.checkpoint is None
+
+    @property
+    def weights(self) -> Path:
+        return self.checkpoint or self.folder / "train" / "checkpoint.pth"
 
 
 def parse_variants(specs: list[str]) -> dict[str, list[str]]:
@@ -162,12 +189,40 @@ def training_args(args: argparse.Namespace, extra: list[str], seed: int, folder:
 def plan_runs(args: argparse.Namespace) -> list[Run]:
     """Every run of the comparison: the random floor (with the first run's model), then methods in order,
     seeds inside."""
-    runs = []
-    for method, extra in parse_variants(args.variant).items():
-        for seed in range(args.seeds):
-            folder = args.output_dir / method / f"seed{seed}"
-            runs.append(Run(method, seed, folder, training_args(args, extra, seed, folder)))
+    if args.trained_in is not None:
+        runs = trained_runs(args)
+    else:
+        runs = []
+        for method, extra in parse_variants(args.variant).items():
+            for seed in range(args.seeds):
+                folder = args.output_dir / method / f"seed{seed}"
+                runs.append(Run(method, seed, folder, training_args(args, extra, seed, folder)))
     return [Run(RANDOM, None, args.output_dir / RANDOM, runs[0].train)] + runs
+
+
+def trained_runs(args: argparse.Namespace) -> list[Run]:
+    """The runs of the finished comparison ``--trained_in``: its methods, seeds ``0 .. --seeds - 1``, each
+    with the training arguments its run recorded and its final checkpoint."""
+    source = args.trained_in
+    settings_path = source / "compare_args.json"
+    if not settings_path.is_file():
+        raise FileNotFoundError(f"--trained_in {source}: no compare_args.json there; name the --output_dir of a "
+                                "compare.py run")
+    settings = json.loads(settings_path.read_text())
+    if args.seeds > settings["seeds"]:
+        raise ValueError(f"--seeds {args.seeds}: the comparison in {source} has {settings['seeds']} seed(s)")
+    runs = []
+    for method in parse_variants(settings["variant"]):
+        for seed in range(args.seeds):
+            train_dir = source / method / f"seed{seed}" / "train"
+            if not (source / method / f"seed{seed}" / "train.json").is_file():
+                raise FileNotFoundError(f"{method} seed {seed} in {source} has not finished training ("
+                                        f"{train_dir.parent / 'train.json'} is missing): finish that comparison "
+                                        "first by rerunning its command")
+            train = argparse.Namespace(**json.loads((train_dir / "args.json").read_text()))
+            runs.append(Run(method, seed, args.output_dir / method / f"seed{seed}", train,
+                            train_dir / "checkpoint.pth"))
+    return runs
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -180,6 +235,9 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("resize_size", "crop_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.trained_in is not None and (args.train_args or args.variant):
+        raise ValueError(f"--trained_in {args.trained_in} evaluates that comparison's models with their own "
+                         "training arguments and methods: leave out --train_args and --variant")
     for split in ("train", args.eval_split):
         folder = args.data_path / split
         if not folder.is_dir():
@@ -215,10 +273,12 @@ def check_or_record_settings(args: argparse.Namespace) -> None:
 
 def settings_differences(before: dict, now: dict, extend: bool) -> list[str]:
     """``--name: before X, now Y`` for every setting that changed, except additions allowed by ``extend``:
-    more seeds, and new variants (an existing variant's name keeps its arguments)."""
+    more seeds, and new variants (an existing variant's name keeps its arguments). A setting that a folder
+    written before it existed lacks counts as its default."""
+    defaults = get_args_parser()
     differences = []
     for name in sorted(set(before) | set(now)):
-        old, new = before.get(name), now.get(name)
+        old, new = before.get(name, defaults.get_default(name)), now.get(name)
         if old == new:
             continue
         if extend and name == "seeds" and new > old:
@@ -230,7 +290,7 @@ def settings_differences(before: dict, now: dict, extend: bool) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Steps: training and the three evaluations, each skipped when its result file exists.
+# Steps: training and the evaluations, each skipped when its result file exists.
 # ----------------------------------------------------------------------------------------------
 def backbone_argv(run: Run) -> list[str]:
     """The evaluation scripts' backbone and weights arguments for ``run``'s model."""
@@ -239,7 +299,19 @@ def backbone_argv(run: Run) -> list[str]:
         argv += [f"--{name}", str(value)]
     if run.seed is None:
         return argv + ["--random_init"]
-    return argv + ["--pretrained_weights", str(run.folder / "train" / "checkpoint.pth"), "--checkpoint_key", "teacher"]
+    return argv + ["--pretrained_weights", str(run.weights), "--checkpoint_key", "teacher"]
+
+
+def evaluations_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The evaluations of this comparison: k-NN and linear where the training images have class folders,
+    correspondence always, segmentation when asked for."""
+    labelled = bool(utils.find_class_folders(args.data_path / "train", warn=False))
+    chosen = ("knn", "linear") if labelled else ()
+    return chosen + ("correspondence",) + (("segmentation",) if args.segmentation_args is not None else ())
+
+
+def metrics_of(evaluations: tuple[str, ...]) -> tuple[Metric, ...]:
+    return tuple(metric for metric in METRICS if metric.evaluation in evaluations)
 
 
 def eval_sizes(args: argparse.Namespace, run: Run) -> tuple[int, int]:
@@ -255,6 +327,10 @@ def evaluation_argv(args: argparse.Namespace, run: Run, evaluation: str) -> list
     if evaluation == "correspondence":
         return common + ["--data_path", str(args.data_path / args.eval_split), "--size", str(crop)] \
             + shlex.split(args.correspondence_args)
+    if evaluation == "segmentation":
+        return common + ["--data_path", str(args.data_path), "--dataset", "voc", "--train_split", "train",
+                         "--val_split", args.eval_split, "--size", str(crop), "--num_workers", str(args.num_workers),
+                         "--seed", str(run.seed or 0)] + shlex.split(args.segmentation_args)
     common += ["--data_path", str(args.data_path), "--val_split", args.eval_split, "--resize_size", str(resize),
                "--crop_size", str(crop), "--num_workers", str(args.num_workers)]
     if evaluation == "knn":
@@ -267,7 +343,7 @@ def evaluation_argv(args: argparse.Namespace, run: Run, evaluation: str) -> list
 
 def evaluation_args(args: argparse.Namespace, run: Run, evaluation: str) -> tuple[object, argparse.Namespace]:
     """The evaluation script's module and its parsed, validated arguments for ``run``."""
-    script = {"knn": eval_knn, "linear": eval_linear, "correspondence": eval_correspondence}[evaluation]
+    script = SCRIPTS[evaluation]
     argv = evaluation_argv(args, run, evaluation)
     try:
         parsed = script.get_args_parser().parse_args(argv)
@@ -281,7 +357,7 @@ def check_evaluations(args: argparse.Namespace, runs: list[Run]) -> None:
     """Every evaluation's arguments, for each method's model, pass the script's own checks (before any step)."""
     for run in runs:
         if run.seed in (None, 0):
-            for evaluation in EVALUATIONS:
+            for evaluation in evaluations_of(args):
                 evaluation_args(args, run, evaluation)
 
 
@@ -302,9 +378,9 @@ def run_training(run: Run) -> dict:
 
 def steps_of(args: argparse.Namespace, run: Run) -> list[tuple[str, Callable[[], dict]]]:
     """``(name, action)`` of every step of ``run``; a step's result goes to ``<run>/<name>.json``."""
-    steps = [] if run.seed is None else [("train", lambda: run_training(run))]
+    steps = [("train", lambda: run_training(run))] if run.trains_here else []
     return steps + [(evaluation, lambda evaluation=evaluation: run_evaluation(args, run, evaluation))
-                    for evaluation in EVALUATIONS]
+                    for evaluation in evaluations_of(args)]
 
 
 def execute_step(run: Run, name: str, action: Callable[[], dict], counter: str) -> None:
@@ -345,10 +421,11 @@ def execution_order(runs: list[Run]) -> list[Run]:
 # ----------------------------------------------------------------------------------------------
 # Results: per-run metrics, mean and spread per method, paired differences to DINO.
 # ----------------------------------------------------------------------------------------------
-def run_metrics(run: Run) -> dict[str, float | None]:
+def run_metrics(run: Run, metrics: tuple[Metric, ...]) -> dict[str, float | None]:
     """``{metric key: value}`` of a finished run, read from its evaluation files."""
-    results = {evaluation: json.loads((run.folder / f"{evaluation}.json").read_text()) for evaluation in EVALUATIONS}
-    return {metric.key: metric.read(results[metric.evaluation]) for metric in METRICS}
+    results = {evaluation: json.loads((run.folder / f"{evaluation}.json").read_text())
+               for evaluation in {metric.evaluation for metric in metrics}}
+    return {metric.key: metric.read(results[metric.evaluation]) for metric in metrics}
 
 
 def spread(values: list[float | None]) -> dict:
@@ -360,17 +437,18 @@ def spread(values: list[float | None]) -> dict:
     return {"mean": float(np.mean(present)), "std": std, "n": len(present)}
 
 
-def summarise(runs: list[Run]) -> dict:
+def summarise(runs: list[Run], metrics: tuple[Metric, ...]) -> dict:
     """``{"runs": {method: {seed: metrics}}, "methods": {method: {metric: spread}}, "vs_dino": ...}``."""
     per_run: dict[str, dict[str, dict]] = {}
     for run in runs:
-        per_run.setdefault(run.method, {})[str(run.seed)] = run_metrics(run)
-    methods = {method: {metric.key: spread([values[metric.key] for values in seeds.values()]) for metric in METRICS}
+        per_run.setdefault(run.method, {})[str(run.seed)] = run_metrics(run, metrics)
+    methods = {method: {metric.key: spread([values[metric.key] for values in seeds.values()]) for metric in metrics}
                for method, seeds in per_run.items()}
-    return {"runs": per_run, "methods": methods, "vs_dino": paired_differences(per_run)}
+    return {"runs": per_run, "methods": methods, "vs_dino": paired_differences(per_run, metrics),
+            "metrics": [metric.key for metric in metrics]}
 
 
-def paired_differences(per_run: dict[str, dict[str, dict]]) -> dict:
+def paired_differences(per_run: dict[str, dict[str, dict]], metrics: tuple[Metric, ...]) -> dict:
     """Each method minus ``dino``, seed by seed: the differences' spread and how many favour the method.
 
     "Favour" means higher, except for the correspondence error, where lower is better.
@@ -380,7 +458,7 @@ def paired_differences(per_run: dict[str, dict[str, dict]]) -> dict:
         if method in ("dino", RANDOM):
             continue
         differences[method] = {}
-        for metric in METRICS:
+        for metric in metrics:
             pairs = [(values[metric.key], per_run["dino"][seed][metric.key]) for seed, values in seeds.items()
                      if seed in per_run["dino"] and None not in (values[metric.key], per_run["dino"][seed][metric.key])]
             deltas = [ours - baseline for ours, baseline in pairs]
@@ -402,16 +480,22 @@ def format_cell(entry: dict, signed: bool = False) -> str:
 
 def markdown_table(summary: dict) -> str:
     """Mean ± std per method and metric, random weights first, then each method's paired gain over DINO."""
-    header = "| method | " + " | ".join(metric.title for metric in METRICS) + " |"
-    lines = [header, "| --- |" + " ---: |" * len(METRICS)]
-    for method, metrics in summary["methods"].items():
-        count = metrics[METRICS[0].key]["n"]
+    metrics = summary_metrics(summary)
+    header = "| method | " + " | ".join(metric.title for metric in metrics) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(metrics)]
+    for method, values in summary["methods"].items():
+        count = values[metrics[0].key]["n"]
         name = "random weights" if method == RANDOM else f"{method} ({count} seed{'s' * (count != 1)})"
-        lines.append(f"| {name} | " + " | ".join(format_cell(metrics[m.key]) for m in METRICS) + " |")
-    for method, metrics in summary["vs_dino"].items():
+        lines.append(f"| {name} | " + " | ".join(format_cell(values[m.key]) for m in metrics) + " |")
+    for method, values in summary["vs_dino"].items():
         lines.append(f"| {method} − dino, paired | "
-                     + " | ".join(format_cell(metrics[m.key], signed=True) for m in METRICS) + " |")
+                     + " | ".join(format_cell(values[m.key], signed=True) for m in metrics) + " |")
     return "\n".join(lines)
+
+
+def summary_metrics(summary: dict) -> tuple[Metric, ...]:
+    """The columns of ``summary``, in the table's order."""
+    return tuple(metric for metric in METRICS if metric.key in summary["metrics"])
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -421,10 +505,11 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = [method for method in summary["methods"] if method != RANDOM]
+    metrics = summary_metrics(summary)
     columns = 3
-    rows = math.ceil(len(METRICS) / columns)
+    rows = math.ceil(len(metrics) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
-    for axis, metric in zip(axes.flat, METRICS):
+    for axis, metric in zip(axes.flat, metrics):
         means = [summary["methods"][m][metric.key]["mean"] or 0.0 for m in methods]
         stds = [summary["methods"][m][metric.key]["std"] or 0.0 for m in methods]
         axis.bar(range(len(methods)), means, yerr=stds, capsize=4, color="#9ecae1", edgecolor="#3182bd")
@@ -440,7 +525,7 @@ def plot(summary: dict, path: Path) -> None:
         axis.set_ylim(*value_range(drawn))  # not from zero, so that gaps of a point or two show
         axis.set_xticks(range(len(methods)), methods, rotation=20)
         axis.set_title(metric.title, fontsize=10)
-    for axis in list(axes.flat)[len(METRICS):]:
+    for axis in list(axes.flat)[len(metrics):]:
         axis.axis("off")
     axes.flat[0].legend(fontsize=8, loc="lower right")
     figure.tight_layout()
@@ -477,7 +562,7 @@ def main(args: argparse.Namespace) -> dict:
     steps = [(run, name, action) for run in execution_order(runs) for name, action in steps_of(args, run)]
     for index, (run, name, action) in enumerate(steps, 1):
         execute_step(run, name, action, f"[{index:>{len(str(len(steps)))}}/{len(steps)}]")
-    summary = summarise(runs)
+    summary = summarise(runs, metrics_of(evaluations_of(args)))
     summary["seconds"] = step_seconds(runs)
     summary["eval_split"] = args.eval_split
     table = markdown_table(summary)

@@ -98,17 +98,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
     if not args.data_path or not Path(args.data_path).is_dir():
         raise ValueError(f"--data_path {args.data_path!r} is not a folder of images")
-    visualization_request(args)
+    utils.visualization_request(args.visualize)
 
-
-def visualization_request(args: argparse.Namespace) -> tuple[int, Path] | None:
-    """``(count, folder)`` from ``--visualize N DIR``, or None when no figures are asked for."""
-    if args.visualize is None:
-        return None
-    count, folder = args.visualize
-    if not count.isdigit() or int(count) <= 0:
-        raise ValueError(f"--visualize N DIR needs a positive number of figures N, got {count!r}")
-    return int(count), Path(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +353,7 @@ def run_evaluation(args: argparse.Namespace, images: Sequence[tuple[int, Path]],
     sampler = ViewPairSampler.from_args(args)
     predicted, truth, textured = evaluate_pairs(images, sampler, feature_fn, args.patch_size,
                                                 args.texture_threshold, args.batch_size, device)
-    request = visualization_request(args)
+    request = utils.visualization_request(args.visualize)
     if request:
         count, folder = request
         # Evenly spaced pairs: the images are in listing order, so the first few would share a class.

@@ -109,18 +109,6 @@ def validate_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 # DAVIS files.
 # ----------------------------------------------------------------------------------------------
-def davis_palette() -> np.ndarray:
-    """DAVIS's 256-colour palette ``[256, 3]`` uint8: the PASCAL VOC colour map, in which the bits of the
-    index are dealt to red, green and blue in turn, from the most significant colour bit down."""
-    indices = np.arange(256)
-    palette = np.zeros((256, 3), dtype=np.int64)
-    for shift in range(8):
-        for channel in range(3):
-            bit = (indices >> (3 * shift + channel)) & 1
-            palette[:, channel] |= bit << (7 - shift)
-    return palette.astype(np.uint8)
-
-
 def read_video_names(args: argparse.Namespace) -> list[str]:
     """``--videos``, or the names in ``--video_list`` (default ``ImageSets/2017/val.txt``), blank lines skipped."""
     if args.videos:
@@ -203,19 +191,12 @@ def palette_mismatch(palette: list[int] | None, ids: list[int]) -> int | None:
     """The first index among 0 and ``ids`` whose colour in ``palette`` differs from DAVIS's, else None."""
     if palette is None:
         return None
-    reference = davis_palette()
+    reference = utils.voc_palette()  # DAVIS uses the PASCAL VOC colour map
     for index in [0, *ids]:
         colour = palette[3 * index:3 * index + 3]
         if len(colour) == 3 and list(reference[index]) != colour:
             return index
     return None
-
-
-def write_indexed_png(path: Path, labels: np.ndarray) -> None:
-    """uint8 ids ``[H, W]`` as an indexed PNG with DAVIS's palette."""
-    image = Image.fromarray(labels.astype(np.uint8))
-    image.putpalette(davis_palette().ravel().tolist())
-    image.save(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,7 +511,7 @@ def segment_video(video: Video, feature_fn: FeatureFn, args: argparse.Namespace,
         print(f"video {video.name}: {reason}", flush=True)
     folder = output_dir / video.name
     folder.mkdir(parents=True, exist_ok=True)
-    write_indexed_png(folder / f"{video.frames[0].stem}.png", first_mask)
+    utils.write_indexed_png(folder / f"{video.frames[0].stem}.png", first_mask)
     settings = PropagationSettings(args.topk, args.n_last_frames, args.size_mask_neighborhood, args.temperature)
     frames = (frame.to(device) for frame in frame_tensors(video, size))
     per_object: dict[int, list[tuple]] = {object_id: [] for object_id in ids}
@@ -538,7 +519,7 @@ def segment_video(video: Video, feature_fn: FeatureFn, args: argparse.Namespace,
     for index, soft in enumerate(propagate_video(frames, first_frame_labels(first_mask, ids, grid), feature_fn,
                                                  settings), start=1):
         mask = labels_to_mask(soft, args.patch_size, video.size, ids)
-        write_indexed_png(folder / f"{video.frames[index].stem}.png", mask)
+        utils.write_indexed_png(folder / f"{video.frames[index].stem}.png", mask)
         if scored and index < len(video.frames) - 1:  # DAVIS scores neither the first nor the last frame
             truth, _ = read_label_map(video.annotations[index])
             for object_id, values in score_frame(truth, mask, ids, args.bound_th).items():

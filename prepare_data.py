@@ -1,7 +1,8 @@
-"""Turn real datasets into the ImageFolder layout the scripts read.
+"""Turn real datasets into the ImageFolder layout the scripts read, or make a multi-object scene set.
 
     python prepare_data.py --dataset fashion_mnist --output_dir data/fashion_mnist --limit_per_class 200
     python prepare_data.py --dataset cifar10 --source ~/Downloads/cifar-10-python.tar.gz --output_dir data/cifar10
+    python prepare_data.py --dataset fashion_mnist_scenes --output_dir data/fashion_mnist_scenes
 
 Writes ``<output_dir>/train/<class>/<index>.png`` and ``<output_dir>/val/<class>/<index>.png``
 (the official test split becomes ``val``). ``--holdout N`` also moves the last N training images of
@@ -12,6 +13,11 @@ there, report on ``val``. A rerun rewrites the splits to exactly what it says. S
   (``/usr/share/datasets/fashion-mnist``), or any folder holding ``train-images-idx3-ubyte.gz`` etc.
 * ``cifar10`` / ``cifar100``: the official python archives (``cifar-10-python.tar.gz``,
   ``cifar-100-python.tar.gz``) or their extracted folders.
+
+``fashion_mnist_scenes`` writes square canvases holding several Fashion-MNIST garments at random sizes and
+positions (``render_scene``) in the Pascal VOC layout that ``eval_segmentation.py --dataset voc`` reads, with
+palette masks, and the same canvases as flat ``train/``, ``holdout/`` and ``val/`` folders for training and
+``eval_correspondence.py``.
 
 Nothing is downloaded unless ``--download`` asks torchvision to fetch a missing source.
 """
@@ -36,6 +42,13 @@ FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle_boot")
 SPLITS = ("train", "holdout", "val")
+SCENE_FOLDER = "VOC2012"  # the scene set's VOC-layout folder, written beside the flat split folders
+# A garment pixel darker than this (0-255) cannot be told from the black canvas in the image: the fringe that
+# resizing and Fashion-MNIST's own anti-aliasing leave, and the near-black parts of dark garments. Its label is
+# ignored (255), as VOC ignores its uncertain object borders; brighter pixels carry the garment's class.
+VISIBLE_LEVEL = 16
+IGNORE_LABEL = 255
+HOLDOUT_GARMENTS = 10000  # scene holdout canvases take garments from the last 10,000 training images, train the rest
 MARKER = ".prepare_data.json"  # records what wrote the folder, so that a rerun may replace it
 CIFAR_ARCHIVES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
                   "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python")}
@@ -45,8 +58,9 @@ DAMAGED_FILE_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError)
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Prepare a dataset as train/<class>/*.png and val/<class>/*.png")
-    parser.add_argument("--dataset", required=True, choices=["fashion_mnist", "cifar10", "cifar100"],
-                        help="Which dataset to convert.")
+    parser.add_argument("--dataset", required=True, choices=["fashion_mnist", "cifar10", "cifar100",
+                                                             "fashion_mnist_scenes"],
+                        help="Which dataset to convert; fashion_mnist_scenes makes multi-garment canvases with masks.")
     parser.add_argument("--output_dir", required=True, type=Path, help="Where train/ and val/ are written.")
     parser.add_argument("--source", default=None, type=Path,
                         help="Raw files: the Fashion-MNIST IDX folder (default: the Debian package's), or the "
@@ -59,6 +73,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "They never appear in 'train'.")
     parser.add_argument("--download", action="store_true",
                         help="If the source is missing, let torchvision download it (needs the network).")
+    group = parser.add_argument_group("fashion_mnist_scenes")
+    group.add_argument("--scenes", default=(2000, 500, 1000), type=int, nargs=3, metavar=("TRAIN", "HOLDOUT", "VAL"),
+                       help="Canvases per split: train and holdout from Fashion-MNIST's training images (disjoint "
+                            f"garments: holdout uses the last {HOLDOUT_GARMENTS}), val from its test images.")
+    group.add_argument("--canvas_size", default=64, type=int, help="Side of the square canvases in pixels.")
+    group.add_argument("--garments", default=(2, 4), type=int, nargs=2, metavar=("MIN", "MAX"),
+                       help="Garments per canvas, uniform between MIN and MAX.")
+    group.add_argument("--garment_size", default=(20, 40), type=int, nargs=2, metavar=("MIN", "MAX"),
+                       help="Side of a pasted garment (resized from 28 px), uniform between MIN and MAX pixels.")
+    group.add_argument("--seed", default=0, type=int, help="Seed of every choice of the scene set.")
     return parser
 
 
@@ -174,7 +198,7 @@ def _unpickle(data: bytes, where: Path | str) -> dict:
 # ----------------------------------------------------------------------------------------------
 def resolve_source(args: argparse.Namespace) -> Path:
     """The raw data's location, downloaded first with ``--download``, or a clear error naming the fix."""
-    if args.dataset == "fashion_mnist":
+    if args.dataset in ("fashion_mnist", "fashion_mnist_scenes"):
         source = args.source or FASHION_MNIST_DEBIAN
         present = (source / "train-images-idx3-ubyte.gz").is_file()
         fix = ("install the Debian package: sudo apt-get install dataset-fashion-mnist (or pass --source DIR "
@@ -195,7 +219,7 @@ def download(dataset: str, root: Path) -> Path:
     """Fetch the raw files with torchvision (network needed); returns the source to read."""
     from torchvision import datasets
 
-    if dataset == "fashion_mnist":
+    if dataset in ("fashion_mnist", "fashion_mnist_scenes"):
         datasets.FashionMNIST(str(root), train=True, download=True)
         return root / "FashionMNIST" / "raw"
     getattr(datasets, {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}[dataset])(str(root), download=True)
@@ -238,34 +262,140 @@ def prepare_output_dir(output_dir: Path, record: dict) -> None:
     """Clear the splits an earlier run of this script wrote; refuse a non-empty folder it did not write."""
     marker = output_dir / MARKER
     if output_dir.is_dir() and any(output_dir.iterdir()) and not marker.is_file():
-        present = [split for split in SPLITS if (output_dir / split).exists()]
+        present = [split for split in (*SPLITS, SCENE_FOLDER) if (output_dir / split).exists()]
         if present:
             raise FileExistsError(f"{output_dir} already holds {', '.join(present)} not written by prepare_data.py: "
                                   "choose an empty or new --output_dir (nothing was changed)")
-    for split in SPLITS:
+    for split in (*SPLITS, SCENE_FOLDER):
         shutil.rmtree(output_dir / split, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(record, indent=2) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# Multi-object scenes from Fashion-MNIST garments.
+# ----------------------------------------------------------------------------------------------
+def resized_garment(garment: np.ndarray, side: int) -> np.ndarray:
+    """A 28x28 garment resized to ``side`` square (bilinear), uint8."""
+    return np.asarray(Image.fromarray(garment).resize((side, side), Image.BILINEAR))
+
+
+def render_scene(garments: list[tuple[np.ndarray, int, int, int, int]], canvas_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Paste ``(garment 28x28 uint8, class, side, top, left)`` in order on a black canvas; returns the canvas
+    and its labels, uint8 ``[canvas, canvas]`` each.
+
+    Every pixel a garment covers (non-zero after resizing) takes its value, the later garment on top. Its label
+    is the garment's class + 1 where that value is at least ``VISIBLE_LEVEL``, ``IGNORE_LABEL`` where it is
+    darker (not visible against the black background); uncovered pixels are background (0).
+    """
+    canvas = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
+    labels = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
+    for garment, label, side, top, left in garments:
+        pixels = resized_garment(garment, side)
+        covered = pixels > 0
+        region = (slice(top, top + side), slice(left, left + side))
+        canvas[region][covered] = pixels[covered]
+        labels[region][covered] = np.where(pixels[covered] >= VISIBLE_LEVEL, label + 1, IGNORE_LABEL)
+    return canvas, labels
+
+
+def draw_scenes(count: int, pool: np.ndarray, rng: np.random.Generator, args: argparse.Namespace) -> list[list]:
+    """``count`` scenes, each a list of ``(garment index into pool, side, top, left)``; garments are taken in a
+    random order without repeats until the pool is used up (then a new order)."""
+    order, position, scenes = rng.permutation(pool), 0, []
+    for _ in range(count):
+        scene = []
+        for _ in range(int(rng.integers(args.garments[0], args.garments[1] + 1))):
+            if position == len(order):
+                order, position = rng.permutation(pool), 0
+            side = int(rng.integers(args.garment_size[0], args.garment_size[1] + 1))
+            top, left = (int(value) for value in rng.integers(0, args.canvas_size - side + 1, size=2))
+            scene.append((int(order[position]), side, top, left))
+            position += 1
+        scenes.append(scene)
+    return scenes
+
+
+def scene_pools(splits: dict, holdout: int) -> dict[str, tuple[str, np.ndarray]]:
+    """``{split: (source split, garment indices)}``: holdout garments are the last ``HOLDOUT_GARMENTS`` training
+    images (when there is a holdout split), train garments the rest, val garments the test images."""
+    train_count = len(splits["train"][1])
+    reserved = min(HOLDOUT_GARMENTS, train_count // 2) if holdout else 0
+    pools = {"train": ("train", np.arange(train_count - reserved))}
+    if holdout:
+        pools["holdout"] = ("train", np.arange(train_count - reserved, train_count))
+    pools["val"] = ("val", np.arange(len(splits["val"][1])))  # last: its list file says the set is complete
+    return pools
+
+
+def write_scenes(splits: dict, args: argparse.Namespace) -> dict[str, int]:
+    """Write the scene set (VOC layout plus flat split folders); returns the canvases per split."""
+    counts = dict(zip(SPLITS, args.scenes))
+    root = args.output_dir / SCENE_FOLDER
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / "class_names.txt").write_text("\n".join(("background",) + FASHION_MNIST_CLASSES) + "\n")
+    rng = np.random.default_rng(args.seed)
+    written = {}
+    for split, (source, pool) in scene_pools(splits, counts["holdout"]).items():
+        images, labels = splits[source]
+        (args.output_dir / split).mkdir(parents=True, exist_ok=True)
+        stems = []
+        for number, scene in enumerate(draw_scenes(counts[split], pool, rng, args)):
+            canvas, mask = render_scene([(images[i], int(labels[i]), *place) for i, *place in scene], args.canvas_size)
+            stems.append(f"{split}_{number:05d}")
+            Image.fromarray(canvas).save(root / "JPEGImages" / f"{stems[-1]}.png")
+            Image.fromarray(canvas).save(args.output_dir / split / f"{stems[-1]}.png")
+            utils.write_indexed_png(root / "SegmentationClass" / f"{stems[-1]}.png", mask)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{stem}\n" for stem in stems))
+        written[split] = len(stems)
+    return written
+
+
+def validate_scene_args(args: argparse.Namespace) -> None:
+    """Stop early on a scene set that cannot be drawn."""
+    low, high = args.garment_size
+    if not 1 <= low <= high <= args.canvas_size:
+        raise ValueError(f"--garment_size {low} {high} must satisfy 1 <= MIN <= MAX <= --canvas_size {args.canvas_size}")
+    if not 1 <= args.garments[0] <= args.garments[1]:
+        raise ValueError(f"--garments {args.garments[0]} {args.garments[1]} must satisfy 1 <= MIN <= MAX")
+    if args.scenes[0] <= 0 or args.scenes[2] <= 0 or args.scenes[1] < 0:
+        raise ValueError(f"--scenes {' '.join(map(str, args.scenes))}: train and val need at least one canvas, "
+                         "holdout 0 or more")
+    if args.limit_per_class is not None or args.holdout:
+        raise ValueError("--limit_per_class and --holdout apply to the classification datasets; for scenes give "
+                         "--scenes TRAIN HOLDOUT VAL")
+
+
 def main(args: argparse.Namespace) -> dict[str, int]:
-    """Convert; returns the number of images written per split."""
+    """Convert (or draw scenes); returns the number of images written per split."""
     if args.limit_per_class is not None and args.limit_per_class <= 0:
         raise ValueError(f"--limit_per_class must be positive, got {args.limit_per_class}")
     if args.holdout < 0:
         raise ValueError(f"--holdout must be >= 0, got {args.holdout}")
+    scenes = args.dataset == "fashion_mnist_scenes"
+    if scenes:
+        validate_scene_args(args)
     source = resolve_source(args)
-    if args.dataset == "fashion_mnist":
+    if args.dataset in ("fashion_mnist", "fashion_mnist_scenes"):
         splits, class_names = read_fashion_mnist(source)
     else:
         splits, class_names = read_cifar(source, args.dataset)
-    selections = split_selections(splits, args.limit_per_class, args.holdout)
-    prepare_output_dir(args.output_dir, {"dataset": args.dataset, "limit_per_class": args.limit_per_class,
-                                         "holdout": args.holdout})
-    counts = {split: write_split(*splits[source_split], class_names, args.output_dir / split, choose)
-              for split, (source_split, choose) in selections.items()}
+    record = {"dataset": args.dataset, "limit_per_class": args.limit_per_class, "holdout": args.holdout}
+    if scenes:
+        record.update(scenes=list(args.scenes), canvas_size=args.canvas_size, garments=list(args.garments),
+                      garment_size=list(args.garment_size), seed=args.seed)
+    else:
+        selections = split_selections(splits, args.limit_per_class, args.holdout)
+    prepare_output_dir(args.output_dir, record)
+    if scenes:
+        counts = write_scenes(splits, args)
+    else:
+        counts = {split: write_split(*splits[source_split], class_names, args.output_dir / split, choose)
+                  for split, (source_split, choose) in selections.items()}
     written = ", ".join(f"{count} {split}" for split, count in counts.items())
-    print(f"{args.dataset}: wrote {written} images in {len(class_names)} classes to {args.output_dir}")
+    kind = f"canvases ({args.canvas_size} px) with masks" if scenes else f"images in {len(class_names)} classes"
+    print(f"{args.dataset}: wrote {written} {kind} to {args.output_dir}")
     return counts
 
 

@@ -322,6 +322,37 @@ def _deep_grayscale_to_8_bits(image: Image.Image) -> np.ndarray:
     return scaled.round().clip(0, 255).astype(np.uint8)
 
 
+def visualization_request(visualize: list[str] | None) -> tuple[int, Path] | None:
+    """``(count, folder)`` from an evaluation's ``--visualize N DIR``, or None when no figures are asked for."""
+    if visualize is None:
+        return None
+    count, folder = visualize
+    if not count.isdigit() or int(count) <= 0:
+        raise ValueError(f"--visualize N DIR needs a positive number of figures N, got {count!r}")
+    return int(count), Path(folder)
+
+
+def voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map ``[256, 3]`` uint8 (DAVIS uses it too): the bits of the index are dealt to
+    red, green and blue in turn, from the most significant colour bit down (index 255 is VOC's void colour)."""
+    indices = np.arange(256)
+    palette = np.zeros((256, 3), dtype=np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            bit = (indices >> (3 * shift + channel)) & 1
+            palette[:, channel] |= bit << (7 - shift)
+    return palette.astype(np.uint8)
+
+
+def write_indexed_png(path: str | Path, labels: np.ndarray) -> None:
+    """Labels ``[H, W]`` (0..255) as an indexed PNG with the VOC palette (``voc_palette``)."""
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"an indexed PNG holds values 0..255; {path} would need {labels.min()}..{labels.max()}")
+    image = Image.fromarray(labels.astype(np.uint8))
+    image.putpalette(voc_palette().ravel().tolist())
+    image.save(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun (env://) or a single process.
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,21 @@ def write_images(folder: Path, classes=("a", "b"), per_class=6, size=(40, 32), s
     return folder
 
 
+def write_mini_fashion_mnist(source: Path, train: int, test: int, seed: int = 0) -> Path:
+    """Fashion-MNIST's four IDX files (gzip) in ``source``, with random 28x28 images and labels 0..9 in turn."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    source.mkdir(parents=True)
+    for prefix, count in (("train", train), ("t10k", test)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (count, 28, 28))),
+                            ("labels-idx1", np.arange(count) % 10)):
+            magic = 2051 if array.ndim == 3 else 2049
+            with gzip.open(source / f"{prefix}-{kind}-ubyte.gz", "wb") as handle:
+                handle.write(np.array([magic, *array.shape], dtype=">i4").tobytes() + array.astype(np.uint8).tobytes())
+    return source
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint written by one epoch of the training script on a tiny model (16 px, patch 4)."""

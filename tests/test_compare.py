@@ -164,3 +164,76 @@ def test_variants_are_pwself_with_extra_arguments():
     assert methods["dino"] == ["--patch_loss", "false"] and methods["pwself"] == ["--patch_loss", "true"]
     assert methods["centre"] == ["--patch_loss", "true", "--matching", "centre"]
     assert methods["p4"][-2:] == ["--patch_loss", "false"]  # appended last, so it wins
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenes without image labels: segmentation and correspondence columns; models trained elsewhere.
+# ----------------------------------------------------------------------------------------------
+def scene_argv(data: Path, output: Path, *extra: str) -> list[str]:
+    argv = compare_argv(data, output, "--crop_size", "32", "--segmentation_args",
+                        "--epochs 2 --lrs 0.1 0.3 --batch_size 4 --memory_size 200", *extra)
+    argv[argv.index("--seeds") + 1] = "1"
+    return argv
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    import prepare_data
+    from conftest import write_mini_fashion_mnist
+
+    root = tmp_path_factory.mktemp("scenes")
+    source = write_mini_fashion_mnist(root / "fmnist", train=40, test=10)
+    prepare_data.main(prepare_data.get_args_parser().parse_args([
+        "--dataset", "fashion_mnist_scenes", "--source", str(source), "--output_dir", str(root / "data"),
+        "--scenes", "8", "2", "4", "--canvas_size", "32", "--garment_size", "10", "20"]))
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def scene_comparison(scenes, tmp_path_factory):
+    output = tmp_path_factory.mktemp("compare_scenes") / "out"
+    return output, compare.main(parse(*scene_argv(scenes, output)))
+
+
+def test_scenes_get_segmentation_columns_and_no_classification(scene_comparison):
+    output, summary = scene_comparison
+    header = (output / "comparison.md").read_text().splitlines()[0]
+    assert "seg. linear mIoU" in header and "seg. retrieval mIoU" in header and "corr. exact" in header
+    assert "k-NN" not in header and "linear top-1" not in header
+    assert not (output / "pwself" / "seed0" / "knn.json").exists()
+    for method in ("random", "dino", "pwself"):
+        values = summary["runs"][method]["0" if method != "random" else "None"]
+        assert set(values) == {"corr_accuracy", "corr_within_one", "corr_textured", "corr_error", "seg_linear",
+                               "seg_retrieval"}
+        assert all(0 <= values[key] <= 100 for key in ("seg_linear", "seg_retrieval"))
+    result = json.loads((output / "pwself" / "seed0" / "segmentation.json").read_text())
+    assert (result["settings"]["size"], result["settings"]["val_split"], result["settings"]["epochs"]) == (32, "val", 2)
+    assert result["weights"] == str(output / "pwself" / "seed0" / "train" / "checkpoint.pth")
+
+
+def test_trained_in_evaluates_another_comparisons_models_without_training(scene_comparison, scenes, tmp_path):
+    source, summary = scene_comparison
+    argv = scene_argv(scenes, tmp_path / "out", "--trained_in", str(source))
+    argv[argv.index("--train_args"):argv.index("--train_args") + 2] = []
+    again = compare.main(parse(*argv))
+    assert again["runs"] == summary["runs"]  # the same models, evaluated alike
+    assert not (tmp_path / "out" / "pwself" / "seed0" / "train").exists()
+    result = json.loads((tmp_path / "out" / "dino" / "seed0" / "segmentation.json").read_text())
+    assert result["weights"] == str(source / "dino" / "seed0" / "train" / "checkpoint.pth")
+    with pytest.raises(ValueError, match="leave out --train_args and --variant"):
+        compare.main(parse(*argv, "--train_args", "--epochs 1", "--output_dir", str(tmp_path / "other")))
+    with pytest.raises(FileNotFoundError, match="no compare_args.json"):
+        compare.main(parse(*argv[:-2], "--trained_in", str(tmp_path), "--output_dir", str(tmp_path / "other")))
+
+
+def test_folders_written_before_the_segmentation_option_are_reused(finished, dataset, tmp_path, capsys):
+    import shutil
+
+    output = tmp_path / "old"
+    shutil.copytree(finished[0], output)
+    settings = json.loads((output / "compare_args.json").read_text())
+    for name in ("segmentation_args", "trained_in"):
+        del settings[name]
+    (output / "compare_args.json").write_text(json.dumps(settings))
+    summary = compare.main(parse(*compare_argv(dataset, output)))
+    assert "train ..." not in capsys.readouterr().out and summary["runs"] == finished[1]["runs"]

@@ -9,24 +9,12 @@ import pytest
 from PIL import Image
 
 import prepare_data
-
-
-def write_idx(path, array):
-    magic = 2051 if array.ndim == 3 else 2049
-    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
+from conftest import write_mini_fashion_mnist
 
 
 @pytest.fixture
 def mini_fashion_mnist(tmp_path):
-    rng = np.random.default_rng(0)
-    source = tmp_path / "fmnist"
-    source.mkdir()
-    for prefix, count in (("train", 30), ("t10k", 12)):
-        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-        write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
-    return source
+    return write_mini_fashion_mnist(tmp_path / "fmnist", train=30, test=12)
 
 
 def parse(*argv):
@@ -189,3 +177,53 @@ def test_fake_or_truncated_cifar_archives_are_named_with_the_fix(tmp_path):
     (folder / "data_batch_1").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"data_batch_1 is not a CIFAR python batch \(UnpicklingError"):
         prepare_data.main(parse("--dataset", "cifar10", "--source", str(folder.parent), "--output_dir", str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-garment scenes.
+# ----------------------------------------------------------------------------------------------
+def test_scene_masks_follow_the_pasted_garments_later_on_top():
+    first = np.full((28, 28), 200, np.uint8)
+    second = np.zeros((28, 28), np.uint8)
+    second[:, 14:] = 100  # only its right half is garment
+    second[0, 14:] = 5  # a faint row: covered, but too dark to see against the background
+    canvas, labels = prepare_data.render_scene([(first, 3, 28, 0, 0), (second, 7, 28, 10, 10)], 48)
+    assert labels[5, 5] == 4 and canvas[5, 5] == 200  # first garment alone: class 3 + 1
+    assert labels[20, 30] == 8 and canvas[20, 30] == 100  # the second covers the first there
+    assert labels[20, 15] == 4 and canvas[20, 15] == 200  # the second's empty left half leaves the first visible
+    assert labels[10, 30] == prepare_data.IGNORE_LABEL and canvas[10, 30] == 5
+    assert labels[45, 45] == 0 and canvas[45, 45] == 0
+    garment = canvas > 0
+    assert np.array_equal(labels > 0, garment)  # every covered pixel is labelled or ignored, the rest background
+
+
+def test_scene_set_is_a_voc_layout_from_disjoint_garments_and_deterministic(mini_fashion_mnist, tmp_path):
+    import segmentation_data
+
+    common = ("--dataset", "fashion_mnist_scenes", "--source", str(mini_fashion_mnist), "--scenes", "5", "2", "3",
+              "--canvas_size", "32", "--garments", "1", "3", "--garment_size", "8", "16")
+    counts = prepare_data.main(parse(*common, "--output_dir", str(tmp_path / "a")))
+    assert counts == {"train": 5, "holdout": 2, "val": 3}
+    layout = segmentation_data.resolve_layout(tmp_path / "a", "voc")
+    assert layout.num_classes == 11 and layout.class_names[:2] == ("background", "tshirt_top")
+    for split, count in counts.items():
+        samples = segmentation_data.list_samples(layout, split)
+        assert len(samples) == count == len(list((tmp_path / "a" / split).glob("*.png")))
+        for sample in samples:
+            labels = segmentation_data.read_labels(sample.mask, layout)
+            canvas = np.asarray(Image.open(sample.image))
+            assert np.array_equal(labels == 0, canvas == 0)
+    prepare_data.main(parse(*common, "--output_dir", str(tmp_path / "b")))
+    for path in (tmp_path / "a" / "VOC2012").rglob("*.png"):
+        assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
+    pools = prepare_data.scene_pools({"train": (np.zeros(30), np.zeros(30)), "val": (np.zeros(12), np.zeros(12))},
+                                     holdout=2)
+    assert not set(pools["train"][1]) & set(pools["holdout"][1]) and pools["val"][0] == "val"
+
+
+def test_scene_arguments_are_checked(mini_fashion_mnist, tmp_path):
+    common = ("--dataset", "fashion_mnist_scenes", "--source", str(mini_fashion_mnist), "--output_dir", str(tmp_path))
+    with pytest.raises(ValueError, match="--garment_size 8 40 must satisfy"):
+        prepare_data.main(parse(*common, "--canvas_size", "32", "--garment_size", "8", "40"))
+    with pytest.raises(ValueError, match="give\n?.*--scenes TRAIN HOLDOUT VAL"):
+        prepare_data.main(parse(*common, "--holdout", "3"))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval_video_segmentation as ev
+import utils
 from conftest import TINY_BACKBONE_ARGS
 
 SIZE, PATCH = 64, 4
@@ -193,7 +194,7 @@ def test_processing_size_is_dinos():
 
 
 def test_palette_is_davis():
-    palette = ev.davis_palette()
+    palette = utils.voc_palette()
     assert palette.shape == (256, 3) and palette.dtype == np.uint8
     assert palette[:8].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128],
                                     [0, 128, 128], [128, 128, 128]]
@@ -266,7 +267,7 @@ def write_davis(root: Path, name: str = "square", annotate: str = "all", frames:
     for index, (image, mask) in enumerate(zip(images, masks)):
         Image.fromarray(image).save(frame_folder / f"{index:05d}.jpg", quality=95)
         if annotate == "all" or (annotate == "first" and index == 0):
-            ev.write_indexed_png(mask_folder / f"{index:05d}.png", mask)
+            utils.write_indexed_png(mask_folder / f"{index:05d}.png", mask)
     sets = root / "ImageSets" / "2017"
     sets.mkdir(parents=True, exist_ok=True)
     with open(sets / "val.txt", "a") as listing:
@@ -303,7 +304,7 @@ def test_script_writes_davis_pngs_and_scores(tmp_path, capsys):
         for path in written:
             with Image.open(path) as mask:
                 assert mask.mode == "P" and mask.size == (SIZE, SIZE)
-                assert mask.getpalette()[:768] == ev.davis_palette().ravel().tolist()
+                assert mask.getpalette()[:768] == utils.voc_palette().ravel().tolist()
                 assert set(np.unique(np.array(mask))) <= {0, 1}
     first = np.array(Image.open(output / "square" / "00000.png"))
     assert np.array_equal(first, np.array(Image.open(data / "Annotations" / "480p" / "square" / "00000.png")))
@@ -337,7 +338,7 @@ def test_frames_of_another_size_are_named(tmp_path):
 
 def test_an_annotation_of_another_size_is_named(tmp_path):
     data = write_davis(tmp_path / "davis")
-    ev.write_indexed_png(data / "Annotations" / "480p" / "square" / "00003.png", np.zeros((32, 64), dtype=np.uint8))
+    utils.write_indexed_png(data / "Annotations" / "480p" / "square" / "00003.png", np.zeros((32, 64), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"video square: annotation 00003.png is 64x32 but the first frame is 64x64"):
         ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(tmp_path / "out")))
 
@@ -356,7 +357,7 @@ def test_missing_folders_and_lists_are_named(tmp_path):
 def test_a_first_mask_without_objects_and_colour_masks_are_refused(tmp_path):
     data = write_davis(tmp_path / "davis")
     first = data / "Annotations" / "480p" / "square" / "00000.png"
-    ev.write_indexed_png(first, np.full((SIZE, SIZE), 255, dtype=np.uint8))
+    utils.write_indexed_png(first, np.full((SIZE, SIZE), 255, dtype=np.uint8))
     with pytest.raises(ValueError, match=r"video square: the first mask .* holds no object"):
         ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(tmp_path / "out")))
     Image.new("RGB", (SIZE, SIZE)).save(first)
