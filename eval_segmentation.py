@@ -186,17 +186,22 @@ def patch_token_function(model: vits.VisionTransformer, n_last_blocks: int) -> C
     return tokens
 
 
-def loader_of(dataset: sd.SegmentationSamples, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=sd.collate,
-                      pin_memory=torch.cuda.is_available())
+def checked_batches(dataset: sd.SegmentationSamples, batch_size: int, num_workers: int, print_freq: int,
+                    header: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` batches of ``dataset``; a file problem a worker reported is raised here, in the main
+    process, by name (a worker's own exception would reach the user as a traceback)."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=sd.collate,
+                        pin_memory=torch.cuda.is_available())
+    for images, labels, problems in utils.MetricLogger().log_every(loader, print_freq, header):
+        sd.raise_problems(problems)
+        yield images, labels
 
 
 @torch.no_grad()
 def extract(dataset: sd.SegmentationSamples, feature_fn: Callable, args: argparse.Namespace, device: torch.device,
             header: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(features [B, N, F] float32 on the CPU, labels [B, S, S] int64)`` of ``dataset``, batch by batch."""
-    loader = loader_of(dataset, args.batch_size, args.num_workers)
-    for images, labels, _ in utils.MetricLogger().log_every(loader, 20, header):
+    for images, labels in checked_batches(dataset, args.batch_size, args.num_workers, 20, header):
         yield feature_fn(normalize(images.to(device, non_blocking=True))).float().cpu(), labels
 
 
@@ -213,14 +218,20 @@ def extract_all(dataset: sd.SegmentationSamples, feature_fn: Callable, args: arg
 def check_all_labels(samples: list[sd.Sample], layout: sd.Layout, args: argparse.Namespace, what: str) -> None:
     """Read every mask of a split (values, sizes) before any model runs, so a bad file stops the run early."""
     dataset = sd.SegmentationSamples(samples, layout, args.size, labels_only=True)
-    loader = loader_of(dataset, 64, args.num_workers)
-    for _ in utils.MetricLogger().log_every(loader, 50, f"Checking {what} masks:"):
+    for _ in checked_batches(dataset, 64, args.num_workers, 50, f"Checking {what} masks:"):
         pass
 
 
 # ----------------------------------------------------------------------------------------------
 # Linear probe.
 # ----------------------------------------------------------------------------------------------
+def patch_maps(values: torch.Tensor) -> torch.Tensor:
+    """Per-patch values ``[B, N, F]`` (patches row-major on a square grid) -> maps ``[B, F, g, g]``."""
+    batch, count, dim = values.shape
+    grid = math.isqrt(count)
+    return values.transpose(1, 2).reshape(batch, dim, grid, grid)
+
+
 class LinearSegmentationHeads(nn.Module):
     """One BatchNorm + 1x1 linear layer per learning rate, all reading the same patch tokens."""
 
@@ -234,9 +245,7 @@ class LinearSegmentationHeads(nn.Module):
 
     def forward(self, tokens: torch.Tensor, size: int) -> list[torch.Tensor]:
         """Patch tokens ``[B, N, F]`` -> per head, logits upsampled bilinearly to ``[B, C, size, size]``."""
-        batch, count, dim = tokens.shape
-        grid = math.isqrt(count)
-        maps = tokens.transpose(1, 2).reshape(batch, dim, grid, grid)
+        maps = patch_maps(tokens)
         return [F.interpolate(head(maps), size=(size, size), mode="bilinear", align_corners=False)
                 for head in self.heads]
 
@@ -281,11 +290,8 @@ def linear_predictor(heads: LinearSegmentationHeads, head: int, size: int, devic
     """Tokens ``[B, N, F]`` -> labels ``[B, size, size]`` by head number ``head``."""
     @torch.no_grad()
     def predict(tokens: torch.Tensor) -> torch.Tensor:
-        single = heads.heads[head]
-        batch, count, dim = tokens.shape
-        grid = math.isqrt(count)
-        maps = tokens.to(device).float().transpose(1, 2).reshape(batch, dim, grid, grid)
-        logits = F.interpolate(single(maps), size=(size, size), mode="bilinear", align_corners=False)
+        maps = patch_maps(tokens.to(device).float())
+        logits = F.interpolate(heads.heads[head](maps), size=(size, size), mode="bilinear", align_corners=False)
         return logits.argmax(dim=1).cpu()
 
     return predict
@@ -456,8 +462,7 @@ def retrieval_predictor(memory: tuple[torch.Tensor, torch.Tensor], args: argpars
         queries = retrieval_features(tokens, args.n_last_blocks).reshape(batch * count, -1)
         soft = torch.cat([transfer_labels(*search.search(chunk, k), distributions, args.temperature)
                           for chunk in queries.split(QUERY_CHUNK)])
-        grid = math.isqrt(count)
-        maps = soft.reshape(batch, grid, grid, -1).permute(0, 3, 1, 2)
+        maps = patch_maps(soft.reshape(batch, count, -1))
         return F.interpolate(maps, size=(args.size, args.size), mode="bilinear", align_corners=False).argmax(dim=1)
 
     return predict
@@ -524,7 +529,7 @@ class PredictionSink:
                     kept[index] = prediction.clone()
                 if folder:
                     values = self.layout.to_value(prediction.numpy())
-                    utils.write_indexed_png(folder / f"{self.samples[index].stem}.png", np.clip(values, 0, 255))
+                    utils.write_indexed_png(folder / f"{self.samples[index].stem}.png", values)
 
         return receive
 
@@ -652,6 +657,9 @@ def main(args: argparse.Namespace) -> dict:
     """Run the evaluation; prints the table and a ``FINAL {json}`` line, returns the summary dict."""
     validate_args(args)
     layout, train_samples, val_samples = load_splits(args)
+    if args.save_masks and layout.label_offset + layout.num_classes - 1 > 255:
+        raise ValueError(f"--save_masks writes 8-bit palette PNGs, which cannot hold the {layout.num_classes} "
+                         "classes of this dataset; leave --save_masks out")
     device = utils.resolve_device(args.device)
     model = vits.build_frozen_backbone(args, img_size=args.size).to(device)
     if args.n_last_blocks > len(model.blocks):

@@ -315,10 +315,12 @@ def raise_problems(problems: list[str]) -> None:
         raise ValueError(found[0] + more)
 
 
-def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack a batch of ``SegmentationSamples`` items; a batch with any problem raises it by name."""
+def collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """Stack a batch of ``SegmentationSamples`` items. A batch with a problem carries no tensors, only the
+    problems: collation runs in the worker, so they are raised by the main process (``raise_problems``)."""
     images, labels, problems = zip(*batch)
-    raise_problems(list(problems))
+    if any(problems):
+        return None, None, list(problems)
     return torch.stack(images), torch.stack(labels), list(problems)
 
 

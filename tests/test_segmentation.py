@@ -321,3 +321,14 @@ def test_rgb_masks_are_refused(tmp_path):
 def test_bad_arguments_are_refused_early(extra, match):
     with pytest.raises(ValueError, match=match):
         es.validate_args(parse(*TINY_BACKBONE_ARGS, "--random_init", "--data_path", "x", *extra))
+
+
+def test_bad_mask_read_by_a_worker_is_raised_by_the_main_process_as_the_same_message(tmp_path):
+    root = write_voc(tmp_path, {"train": 2, "val": 1})
+    utils.write_indexed_png(root / "VOC2012" / "SegmentationClass" / "train_001.png", np.full((SIZE, SIZE), 7))
+    args = parse("--data_path", str(root), "--size", str(SIZE), "--patch_size", str(PATCH), "--num_workers", "2",
+                 "--random_init")
+    with pytest.raises(ValueError) as raised:
+        es.load_splits(args)  # reads every mask before any model runs
+    assert str(raised.value).startswith("mask ") and "DataLoader worker" not in str(raised.value)
+    assert "train_001.png holds the value 7" in str(raised.value)
