@@ -33,8 +33,10 @@ SCENES := data/fashion_mnist_scenes
 # The comparison's recipe on 64 px canvases: 48 and 24 px crops keep a garment's share of a crop near the
 # single-garment one; evaluations see the whole 64 px canvas (8 x 8 patches).
 SCENE_RECIPE := $(RECIPE) --global_crops_size 48 --local_crops_size 24
+# The scene tables were measured with eval_correspondence.py's earlier protocol (equal views, no colour): kept here.
 SCENE_RUN := $(PY) compare.py --data_path $(SCENES) --seeds 3 --crop_size 64 --segmentation_args "--epochs 10" \
-	--correspondence_args "--num_images 1000" --device cpu --num_workers 2
+	--correspondence_args "--num_images 1000 --query_size 64 --query_scale 0.2 0.6 --photometric false" \
+	--device cpu --num_workers 2
 CIFAR10 ?= cifar-10-python.tar.gz
 CIFAR_RECIPE := --arch vit_small --patch_size 4 --global_crops_size 32 --local_crops_size 16 --local_crops_number 6 \
 	--out_dim 8192 --batch_size_per_gpu 256 --epochs 100 --warmup_epochs 10 --lr 0.001 --momentum_teacher 0.99 \

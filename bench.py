@@ -47,7 +47,7 @@ from torchvision.transforms import InterpolationMode
 
 import utils
 import vision_transformer as vits
-from patch_wise_dino import TrainingImages, build_trainer, get_args_parser as training_parser
+from patch_wise_dino import PATCH_HEADS, TrainingImages, build_trainer, get_args_parser as training_parser
 from pwself_loss import compute_matches, matched_pairs
 from transforms_patch import (IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, RandomResizedCropWithGeometry,
                               collate_multicrop)
@@ -76,8 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--fused_loss", default=["auto"], type=utils.auto_or_bool, nargs="+",
                        help="true: the fused chunked loss; false: the straightforward reference; auto: the "
                             "training default (fused with the patch loss only).")
-    group.add_argument("--patch_head", default=["shared"], nargs="+", choices=["shared", "separate"],
-                       help="One head for CLS and patch tokens, or a separate patch head.")
+    group.add_argument("--patch_head", default=["shared"], nargs="+", choices=PATCH_HEADS,
+                       help="One head for CLS and patch tokens, a separate patch head, or iBOT's layout (shared "
+                            "MLP, a second last layer): the training script's --patch_head.")
     group.add_argument("--patch_augment", default=[False], type=utils.bool_flag, nargs="+",
                        help="Patch-level photometric augmentation (inside the timed step with --gpu_augment true).")
     group.add_argument("--precision", default=["auto"], nargs="+", choices=["auto", "fp32", "fp16", "bf16"],

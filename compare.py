@@ -61,6 +61,13 @@ class Metric:
     title: str
     evaluation: str
     read: Callable[[dict], float | None]
+    floor_read: Callable[[dict, str], float | None] | None = None  # a position-only floor's value, by floor name
+
+
+def _correspondence(key: str, title: str, block: str, score: str) -> Metric:
+    """A correspondence column: ``result[block][score]``, and ``<floor>_<score>`` for the floors' rows."""
+    return Metric(key, title, "correspondence", lambda result: result[block][score],
+                  lambda result, floor: result[block].get(f"{floor}_{score}"))
 
 
 def _knn_top1(result: dict) -> float:
@@ -70,15 +77,16 @@ def _knn_top1(result: dict) -> float:
 METRICS = (
     Metric("knn_top1", "k-NN top-1", "knn", _knn_top1),
     Metric("linear_top1", "linear top-1", "linear", lambda result: result["top1"]),
-    Metric("corr_accuracy", "corr. exact", "correspondence", lambda result: result["all"]["accuracy"]),
-    Metric("corr_within_one", "corr. within 1", "correspondence", lambda result: result["all"]["within_one"]),
-    Metric("corr_textured", "corr. exact (textured)", "correspondence",
-           lambda result: result["textured"]["accuracy"]),
-    Metric("corr_error", "corr. error (patches)", "correspondence", lambda result: result["all"]["mean_error"]),
+    _correspondence("corr_accuracy", "corr. exact", "all", "accuracy"),
+    _correspondence("corr_within_one", "corr. within 1", "all", "within_one"),
+    _correspondence("corr_textured", "corr. exact (textured)", "textured", "accuracy"),
+    _correspondence("corr_error", "corr. error (patches)", "all", "mean_error"),
     Metric("seg_linear", "seg. linear mIoU", "segmentation", lambda result: result.get("linear", {}).get("mIoU")),
     Metric("seg_retrieval", "seg. retrieval mIoU", "segmentation",
            lambda result: result.get("retrieval", {}).get("mIoU")),
 )
+# Rows of the predictors that see no pixels (eval_correspondence.FLOORS): what a patch-level gain must clear.
+FLOOR_ROWS = {"same_cell": "position only: same cell", "flip_aware": "position only: flip-aware cell"}
 SCRIPTS = {"knn": eval_knn, "linear": eval_linear, "correspondence": eval_correspondence,
            "segmentation": eval_segmentation}
 
@@ -445,7 +453,20 @@ def summarise(runs: list[Run], metrics: tuple[Metric, ...]) -> dict:
     methods = {method: {metric.key: spread([values[metric.key] for values in seeds.values()]) for metric in metrics}
                for method, seeds in per_run.items()}
     return {"runs": per_run, "methods": methods, "vs_dino": paired_differences(per_run, metrics),
-            "metrics": [metric.key for metric in metrics]}
+            "floors": position_floors(runs, metrics), "metrics": [metric.key for metric in metrics]}
+
+
+def position_floors(runs: list[Run], metrics: tuple[Metric, ...]) -> dict[str, dict[str, float | None]]:
+    """``{floor: {metric key: value}}`` of the position-only predictors, read from the random-weights run's
+    correspondence (they see no pixels, so every run of the comparison's grid has the same); ``{}`` without
+    correspondence or in files written before the floors existed."""
+    floored = [metric for metric in metrics if metric.floor_read is not None]
+    path = next(run for run in runs if run.method == RANDOM).folder / "correspondence.json"
+    if not floored or not path.is_file():
+        return {}
+    result = json.loads(path.read_text())
+    floors = {floor: {metric.key: metric.floor_read(result, floor) for metric in floored} for floor in FLOOR_ROWS}
+    return {floor: values for floor, values in floors.items() if any(v is not None for v in values.values())}
 
 
 def paired_differences(per_run: dict[str, dict[str, dict]], metrics: tuple[Metric, ...]) -> dict:
@@ -487,10 +508,19 @@ def markdown_table(summary: dict) -> str:
         count = values[metrics[0].key]["n"]
         name = "random weights" if method == RANDOM else f"{method} ({count} seed{'s' * (count != 1)})"
         lines.append(f"| {name} | " + " | ".join(format_cell(values[m.key]) for m in metrics) + " |")
+        if method == RANDOM:
+            lines += floor_lines(summary.get("floors", {}), metrics)
     for method, values in summary["vs_dino"].items():
         lines.append(f"| {method} − dino, paired | "
                      + " | ".join(format_cell(values[m.key], signed=True) for m in metrics) + " |")
     return "\n".join(lines)
+
+
+def floor_lines(floors: dict[str, dict], metrics: tuple[Metric, ...]) -> list[str]:
+    """Table rows of the position-only floors: their correspondence values, "-" in the other columns."""
+    cell = lambda value: "-" if value is None else f"{value:.2f}"
+    return [f"| {FLOOR_ROWS[floor]} | " + " | ".join(cell(values.get(m.key)) for m in metrics) + " |"
+            for floor, values in floors.items()]
 
 
 def summary_metrics(summary: dict) -> tuple[Metric, ...]:
@@ -522,12 +552,18 @@ def plot(summary: dict, path: Path) -> None:
         if floor is not None:
             axis.axhline(floor, color="grey", linestyle="--", linewidth=1, label="random weights")
             drawn.append(floor)
+        position = summary.get("floors", {}).get("flip_aware", {}).get(metric.key)
+        if position is not None:
+            axis.axhline(position, color="#d95f02", linestyle=":", linewidth=1.2, label="position only (flip-aware)")
+            drawn.append(position)
         axis.set_ylim(*value_range(drawn))  # not from zero, so that gaps of a point or two show
         axis.set_xticks(range(len(methods)), methods, rotation=20)
         axis.set_title(metric.title, fontsize=10)
     for axis in list(axes.flat)[len(metrics):]:
         axis.axis("off")
-    axes.flat[0].legend(fontsize=8, loc="lower right")
+    for axis in axes.flat[:len(metrics)]:
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -13,8 +13,9 @@ random parameters, drawn from the device's default generator (seeded by ``torch.
 * solarization (pixels >= 128/255 inverted) with p=0.2 on global view 2 only;
 * optionally (``patch_augment_p > 0``), the patch-level photometrics of METHOD.md section 5
   (``patch_photometric``): every patch-size tile of a view gets its own small colour jitter, blur,
-  sharpness and posterize, in its own order. The CPU-augmented path runs the same function in the
-  data workers (``transforms_patch.PatchPhotometric``);
+  sharpness and posterize, in its own order. The blur is the authors' vertical 5-tap kernel by default
+  (``patch_blur="authors"``) or a square one (``"isotropic"``, see ``PATCH_BLURS``). The CPU-augmented
+  path runs the same function in the data workers (``transforms_patch.PatchPhotometric``);
 * ImageNet normalisation (``normalize`` alone is what the CPU-augmented path runs on the device).
 
 Images are float ``[B, 3, H, W]`` in ``[0, 1]`` between steps, clamped after every colour op as
@@ -46,17 +47,19 @@ class DevicePhotometric:
         patch_augment_p: probability that a view (any view) gets the patch-level photometrics
             (``patch_photometric``) after the ones above; 0 (the default) runs nothing and draws nothing.
         patch_size: side of the tiles of the patch-level photometrics (the ViT's patch size).
+        patch_blur: kernel of their tile blur, one of ``PATCH_BLURS`` (the authors' vertical 5 taps by default).
     """
 
     def __init__(self, local_crops_number: int, jitter_p: float = 0.8, grayscale_p: float = 0.2,
                  blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5), solarize_p: float = 0.2,
-                 patch_augment_p: float = 0.0, patch_size: int = 16):
+                 patch_augment_p: float = 0.0, patch_size: int = 16, patch_blur: str = "authors"):
         check_probability(patch_augment_p, "patch_augment_p")
         check_patch_size(patch_size)
+        check_patch_blur(patch_blur)
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
         self.blur_p = [blur_p[0], blur_p[1]] + [blur_p[2]] * local_crops_number
         self.solarize_p = [0.0, solarize_p] + [0.0] * local_crops_number
-        self.patch_augment_p, self.patch_size = patch_augment_p, patch_size
+        self.patch_augment_p, self.patch_size, self.patch_blur = patch_augment_p, patch_size, patch_blur
 
     def __call__(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """``V`` uint8 batches ``[B, 3, S_v, S_v]`` -> augmented, normalised float32 batches.
@@ -81,12 +84,12 @@ class DevicePhotometric:
         images = random_gaussian_blur(images, blur_p)
         images = random_solarize(images, solarize_p)
         if self.patch_augment_p > 0:  # skipped at 0 so that the random draws stay those of the plain recipe
-            images = patch_photometric(images, self.patch_size, self.patch_augment_p)
+            images = patch_photometric(images, self.patch_size, self.patch_augment_p, blur=self.patch_blur)
         return images
 
     def __repr__(self) -> str:
-        patch = (f", patch_augment_p={self.patch_augment_p}, patch_size={self.patch_size}"
-                 if self.patch_augment_p else "")
+        patch = (f", patch_augment_p={self.patch_augment_p}, patch_size={self.patch_size}, "
+                 f"patch_blur={self.patch_blur!r}" if self.patch_augment_p else "")
         return (f"{type(self).__name__}(jitter_p={self.jitter_p}, grayscale_p={self.grayscale_p}, "
                 f"blur_p={self.blur_p}, solarize_p={self.solarize_p}{patch})")
 
@@ -215,16 +218,23 @@ def blur_radius(max_sigma: float) -> int:
     return int(3 * max_sigma + 0.5)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` with per-sample ``sigma [B]`` (0: unchanged), reflected borders."""
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int, vertical_only: bool = False
+                  ) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` with per-sample ``sigma [B]`` (0: unchanged), reflected borders.
+
+    The kernel has ``2 * radius + 1`` taps (torchvision's weights, the radius capped below the side for the
+    reflection); ``vertical_only`` skips the horizontal pass: torchvision's ``kernel_size=(1, 2 * radius + 1)``.
+    """
     batch, channels, height, width = images.shape
-    radius = min(radius, height - 1, width - 1)
+    radius = min(radius, height - 1) if vertical_only else min(radius, height - 1, width - 1)
     offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     kernels = torch.exp(-0.5 * (offsets / sigma.clamp(min=1e-6)[:, None]) ** 2)  # sigma 0: a unit impulse
     kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(channels, dim=0)  # per (sample, channel)
     flat = images.reshape(1, batch * channels, height, width)
     flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernels[:, None, :, None], groups=len(kernels))
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernels[:, None, None, :], groups=len(kernels))
+    if not vertical_only:
+        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernels[:, None, None, :],
+                        groups=len(kernels))
     return flat.view(batch, channels, height, width)
 
 
@@ -239,6 +249,10 @@ def random_solarize(images: torch.Tensor, p: float | torch.Tensor, threshold: fl
 # ----------------------------------------------------------------------------------------------
 PATCH_JITTER = {"brightness": (0.9, 1.1), "hue": (-0.1, 0.1)}  # torchvision ColorJitter(brightness=0.1, hue=0.1)
 PATCH_BLUR_SIGMA = (0.1, 2.0)
+# The authors' GaussianBlur(kernel_size=(1, 5)) is (width, height): 1 tap wide, 5 tall (METHOD.md section 5).
+PATCH_BLUR_TAPS = 5
+PATCH_BLURS = {"authors": "vertical only, 5 taps (the authors' kernel_size=(1, 5))",
+               "isotropic": "square, up to 13x13 taps (about twice the change per pixel)"}
 PATCH_SHARPNESS_FACTOR, PATCH_SHARPNESS_P = 2.0, 0.5
 PATCH_POSTERIZE_BITS, PATCH_POSTERIZE_P = 3, 0.5
 
@@ -253,6 +267,13 @@ def check_patch_size(patch_size: int) -> None:
     """Raise unless ``patch_size`` is a positive int."""
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
         raise ValueError(f"patch_size must be a positive int (the ViT's patch size), got {patch_size!r}")
+
+
+def check_patch_blur(blur: str) -> None:
+    """Raise unless ``blur`` names a tile blur kernel of ``PATCH_BLURS``."""
+    if blur not in PATCH_BLURS:
+        kinds = "; ".join(f"{name!r}: {what}" for name, what in PATCH_BLURS.items())
+        raise ValueError(f"patch_blur must be one of {', '.join(map(repr, PATCH_BLURS))} ({kinds}), got {blur!r}")
 
 
 def check_tiling(shape: tuple[int, ...], patch_size: int) -> None:
@@ -281,40 +302,42 @@ def from_tiles(tiles: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.T
 
 
 def patch_photometric(images: torch.Tensor, patch_size: int, p: float | torch.Tensor = 1.0, *,
-                      masked: bool | None = None) -> torch.Tensor:
+                      masked: bool | None = None, blur: str = "authors") -> torch.Tensor:
     """Patch-level photometric augmentation of views ``[B, 3, H, W]`` (float in ``[0, 1]``), METHOD.md section 5.
 
     Each view is augmented with probability ``p`` (a number, or one per view ``[B]``). In an augmented
     view every ``patch_size`` tile draws its own order and parameters of the four ops
     (``random_tile_photometric``) and sees only its own pixels, so no pixel moves (the geometry is
     unchanged) and each output tile is a function of its input tile alone. Random numbers come from
-    the device's default generator, the same draws whatever the dispatch (``masked``, see ``_apply_where``).
+    the device's default generator, the same draws whatever the dispatch (``masked``, see ``_apply_where``)
+    or the ``blur`` kernel (``PATCH_BLURS``).
     Returns float ``[B, 3, H, W]`` in ``[0, 1]``; views not augmented are returned bit for bit.
     """
     check_tiling(images.shape, patch_size)
+    check_patch_blur(blur)
     if not isinstance(p, torch.Tensor):
         check_probability(p, "p")
     applied = _happens(len(images), p, images.device)
     tiles_per_view = (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
     tiles = random_tile_photometric(to_tiles(images, patch_size), applied.repeat_interleave(tiles_per_view),
-                                    masked=masked)
+                                    masked=masked, blur=blur)
     return torch.where(_per_sample(applied), from_tiles(tiles, images.shape), images)
 
 
 def random_tile_photometric(tiles: torch.Tensor, where: torch.Tensor | None = None, *,
-                            masked: bool | None = None) -> torch.Tensor:
-    """Colour jitter, blur, sharpness and posterize on the tiles ``[T, 3, p, p]``, each tile in its own order.
+                            masked: bool | None = None, blur: str = "authors") -> torch.Tensor:
+    """Colour jitter, blur (kernel ``blur``), sharpness and posterize on tiles ``[T, 3, p, p]``, each in its own order.
 
     As torchvision's ``RandomOrder``, with parameters drawn per tile (``_draw_tile_parameters``); only the
     tiles ``where`` ``[T]`` is true (all if ``None``) change, but every tile draws (the draws do not
     depend on ``where``). At each position of the order each op runs on the tiles that apply it there
     (``_apply_where``): no loop over tiles.
     """
-    count, device = len(tiles), tiles.device
-    order = torch.rand(count, len(_TILE_OPS), device=device).argsort(dim=1)  # a random permutation per tile
+    count, device, ops = len(tiles), tiles.device, _tile_ops(blur)
+    order = torch.rand(count, len(ops), device=device).argsort(dim=1)  # a random permutation per tile
     parameters = _draw_tile_parameters(count, device)
-    for position in range(len(_TILE_OPS)):
-        for op_index, (name, op) in enumerate(_TILE_OPS.items()):
+    for position in range(len(ops)):
+        for op_index, (name, op) in enumerate(ops.items()):
             active = order[:, position] == op_index
             if where is not None:
                 active &= where
@@ -342,7 +365,7 @@ def _apply_where(tiles: torch.Tensor, op: Callable, active: torch.Tensor, values
 
 
 def _draw_tile_parameters(count: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Per-tile parameters ``[T]`` of each op of ``_TILE_OPS``: factors, sigmas, coin flips."""
+    """Per-tile parameters ``[T]`` of each op of ``_tile_ops``: factors, sigmas, coin flips (any blur kernel)."""
     return {
         "jitter": (_draw(count, *PATCH_JITTER["brightness"], device), _draw(count, *PATCH_JITTER["hue"], device),
                    _happens(count, 0.5, device)),  # brightness before the hue shift, or after
@@ -363,8 +386,15 @@ def _tile_jitter(tiles: torch.Tensor, brightness: torch.Tensor, hue: torch.Tenso
     return adjust_brightness(tiles, torch.where(brightness_first, 1.0, brightness))
 
 
-def _tile_blur(tiles: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Gaussian blur of every tile, borders reflected inside each tile (the radius capped to its side)."""
+def _tile_blur_authors(tiles: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``GaussianBlur(kernel_size=(1, 5))`` of every tile ``[T, 3, p, p]`` with its ``sigma [T]``:
+    vertical only, borders reflected inside each tile."""
+    return gaussian_blur(tiles, sigma, radius=PATCH_BLUR_TAPS // 2, vertical_only=True)
+
+
+def _tile_blur_isotropic(tiles: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Square Gaussian blur of every tile ``[T, 3, p, p]`` with its ``sigma [T]``, 3-sigma radius (up to 13x13
+    taps), borders reflected inside each tile (the radius capped to its side)."""
     return gaussian_blur(tiles, sigma, radius=blur_radius(PATCH_BLUR_SIGMA[1]))
 
 
@@ -376,7 +406,15 @@ def _tile_posterize(tiles: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return torch.where(_per_sample(chosen), posterize(tiles, PATCH_POSTERIZE_BITS), tiles)
 
 
-_TILE_OPS = {"jitter": _tile_jitter, "blur": _tile_blur, "sharpness": _tile_sharpness, "posterize": _tile_posterize}
+_TILE_BLURS = {"authors": _tile_blur_authors, "isotropic": _tile_blur_isotropic}  # the kernels of PATCH_BLURS
+
+
+def _tile_ops(blur: str) -> dict[str, Callable]:
+    """The four tile ops with the ``blur`` kernel, in the fixed order each tile's drawn permutation indexes."""
+    return {"jitter": _tile_jitter, "blur": _TILE_BLURS[blur], "sharpness": _tile_sharpness,
+            "posterize": _tile_posterize}
+
+
 # The values of each op's parameters that return a tile bit for bit (the inactive tiles of the masked dispatch).
 _TILE_IDENTITY = {"jitter": (1.0, 0.0, False), "blur": (0.0,), "sharpness": (False,), "posterize": (False,)}
 

@@ -18,8 +18,9 @@ and written as an indexed PNG with DAVIS's palette to ``--output_dir/<video>/<fr
 When every frame of a video has an annotation, J (region IoU) and F (boundary F-measure) are computed
 per object as in davis2017-evaluation (semi-supervised: the first and the last frame are not scored)
 and summarised as DAVIS does: mean, recall (share of frames above 0.5) and decay per object; J-mean
-and F-mean over all objects of all videos; J&F = their mean. Results go to ``results.json`` and a
-``FINAL {json}`` line.
+and F-mean over all objects of all videos; J&F = their mean. DAVIS's void pixels (255) count as background, as
+in davis2017-evaluation's semi-supervised evaluation (``--void ignore`` leaves them out instead). Results go to
+``results.json`` and a ``FINAL {json}`` line.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import vision_transformer as vits
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 VOID_LABEL = 255  # DAVIS marks pixels to ignore with this value
+VOID_RULES = ("background", "ignore")  # how --void scores them: davis2017-evaluation's rule first
 # DINO's frame normalisation: ImageNet's mean and, as in its (UVC-derived) code, 0.228 as the red std.
 FRAME_MEAN, FRAME_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
 SIDE_MULTIPLE = 64  # DINO floors the longer side to a multiple of this
@@ -83,6 +85,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Affinity exp(cosine / T); 0.1 in DINO's code.")
     parser.add_argument("--bound_th", default=0.008, type=float,
                         help="Boundary tolerance of F: a fraction of the frame diagonal (below 1) or pixels.")
+    parser.add_argument("--void", default="background", choices=VOID_RULES,
+                        help="How the annotations' void pixels (255) are scored. background (default): they count "
+                             "as background for J and F, so a prediction covering them is a false positive; this "
+                             "is davis2017-evaluation's semi-supervised rule and makes J&F comparable with "
+                             "published figures. ignore: they are left out of J and F.")
     utils.add_device_arg(parser)
     return parser
 
@@ -448,9 +455,13 @@ def statistics(per_frame: list[float]) -> dict[str, float]:
             "decay": float(bins[0].mean() - bins[3].mean())}
 
 
-def score_frame(truth: np.ndarray, prediction: np.ndarray, ids: list[int], bound_th: float) -> dict[int, tuple]:
-    """``{id: (J, F)}`` of one frame; uint8 id maps ``[H, W]``; void (255) in ``truth`` is left out."""
-    void = truth == VOID_LABEL
+def score_frame(truth: np.ndarray, prediction: np.ndarray, ids: list[int], bound_th: float,
+                void_rule: str) -> dict[int, tuple]:
+    """``{id: (J, F)}`` of one frame; uint8 id maps ``[H, W]``. Void (255) in ``truth`` counts as background
+    under ``void_rule`` "background" (davis2017-evaluation's rule) and is left out of J and F under "ignore"."""
+    if void_rule not in VOID_RULES:
+        raise ValueError(f"void_rule must be one of {VOID_RULES}, got {void_rule!r}")
+    void = truth == VOID_LABEL if void_rule == "ignore" else None
     return {object_id: (region_similarity(truth == object_id, prediction == object_id, void),
                         boundary_f_measure(truth == object_id, prediction == object_id, void, bound_th))
             for object_id in ids}
@@ -522,7 +533,7 @@ def segment_video(video: Video, feature_fn: FeatureFn, args: argparse.Namespace,
         utils.write_indexed_png(folder / f"{video.frames[index].stem}.png", mask)
         if scored and index < len(video.frames) - 1:  # DAVIS scores neither the first nor the last frame
             truth, _ = read_label_map(video.annotations[index])
-            for object_id, values in score_frame(truth, mask, ids, args.bound_th).items():
+            for object_id, values in score_frame(truth, mask, ids, args.bound_th, args.void).items():
                 per_object[object_id].append(values)
     seconds_per_frame = round((time.perf_counter() - start) / len(video.frames), 4)
     entry = {"frames": len(video.frames), "objects": ids, "seconds_per_frame": seconds_per_frame, "scored": scored}
@@ -571,7 +582,7 @@ def run_evaluation(args: argparse.Namespace, videos: list[Video], feature_fn: Fe
     frames = sum(entry["frames"] for entry in entries.values())
     seconds = sum(entry["seconds_per_frame"] * entry["frames"] for entry in entries.values())
     return {"eval": "davis_video_segmentation", "weights": args.pretrained_weights or "random_init",
-            "settings": settings_of(args), **overall_scores(entries), "frames": frames,
+            "settings": settings_of(args), "void": args.void, **overall_scores(entries), "frames": frames,
             "seconds_per_frame": round(seconds / frames, 4), "videos": entries}
 
 
@@ -599,7 +610,8 @@ def main(args: argparse.Namespace) -> dict:
         print("No video was scored (scoring needs an annotation for every frame): masks only", flush=True)
     else:
         print(f"J&F {summary['J&F']:.4f}  J-mean {summary['J_mean']:.4f}  F-mean {summary['F_mean']:.4f} over "
-              f"{summary['scored_objects']} objects in {summary['scored_videos']} videos", flush=True)
+              f"{summary['scored_objects']} objects in {summary['scored_videos']} videos (void pixels: "
+              f"{summary['void']})", flush=True)
     print(f"{summary['seconds_per_frame']:.3f} s per frame; peak memory {peak_memory_mib():.0f} MiB", flush=True)
     utils.report_final(summary, args.output_json or Path(args.output_dir) / "results.json")
     return summary

@@ -38,13 +38,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import utils
 import vision_transformer as vits
 from patch_matching import MATCHING_MODES
-from device_augment import DevicePhotometric, normalize, same_size_runs
+from device_augment import PATCH_BLURS, DevicePhotometric, normalize, same_size_runs
 from pwself_loss import (NUM_GLOBAL_VIEWS, MatchedPairs, PatchWiseDINOLoss, compute_matches, logits_per_view,
                          matched_pairs, tokens_per_view)
 from transforms_patch import MultiCropAugmentation, collate_multicrop
 from vision_transformer import DINOHead
 
 SAMPLE_SEED, STEP_SEED = 0, 1  # tags that keep the two kinds of derived seeds apart
+PATCH_HEADS = ("shared", "separate", "ibot")  # --patch_head's values (build_student_teacher)
 STOPPED_EXIT_STATUS = 3  # the command line's status when a signal stopped training: checkpoint saved, not finished
 
 
@@ -80,12 +81,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Weight lambda of the CLS term per view pair: lambda * CE_cls + (1 - lambda) * "
                             "mean CE_patches. Unset: every matched token (CLS included) counts the same, "
                             "as the authors' code does.")
-    group.add_argument("--patch_head", default="shared", choices=["shared", "separate"],
-                       help="Which DINO head the patch tokens go through: 'shared' with CLS (the authors' default) "
-                            "or 'separate', their own head (--patch_out_dim prototypes) with its own per-position "
-                            "center, as in iBOT; CLS keeps DINO's head and center. Needs --patch_loss true.")
+    group.add_argument("--patch_head", default="shared", choices=PATCH_HEADS,
+                       help="Which head the patch tokens go through. 'shared': CLS's DINO head and its "
+                            "per-position center (the authors' default). 'separate': a second full DINO head "
+                            "(own MLP and last layer, --patch_out_dim prototypes) with its own per-position center "
+                            "and the CLS teacher-temperature schedule. 'ibot': the MLP shared with CLS and a second "
+                            "last layer (--patch_out_dim prototypes), one patch center for all positions and the "
+                            "patch temperature schedule (--teacher_patch_temp), as iBOT's iBOTHead with "
+                            "shared_head=False (iBOT's released runs share the last layer too). With 'separate' "
+                            "and 'ibot' CLS keeps DINO's head and center; both need --patch_loss true.")
     group.add_argument("--patch_out_dim", default=None, type=int,
-                       help="Prototypes of the separate patch head (default: --out_dim).")
+                       help="Prototypes of the patch tokens' own last layer with --patch_head separate or ibot "
+                            "(default: --out_dim); ignored with the shared head.")
     group.add_argument("--matching", default="upstream", choices=MATCHING_MODES,
                        help="Patch matching rule: 'upstream' (the authors', one-to-one) or 'centre' "
                             "(the teacher patch containing each student patch's centre).")
@@ -111,7 +118,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--teacher_temp", default=0.04, type=float,
                        help="Teacher temperature after warm-up. Above 0.07 training tends to be unstable.")
     group.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
-                       help="Epochs of linear warm-up of the teacher temperature.")
+                       help="Epochs of linear warm-up of the teacher temperature (and of --teacher_patch_temp; "
+                            "iBOT warms both up over 30).")
+    group.add_argument("--warmup_teacher_patch_temp", default=0.04, type=float,
+                       help="With --patch_head ibot: the patch tokens' teacher temperature at the start (iBOT's "
+                            "default). Ignored by the other heads, whose patches follow --warmup_teacher_temp.")
+    group.add_argument("--teacher_patch_temp", default=0.07, type=float,
+                       help="With --patch_head ibot: the patch tokens' teacher temperature after warm-up (iBOT's "
+                            "default). Ignored by the other heads, whose patches follow --teacher_temp.")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -145,10 +159,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--patch_augment", default=False, type=utils.bool_flag,
                        help="Patch-level photometric augmentation, the 2024 paper's (true/false): after a view's "
                             "usual augmentation, every patch-size tile gets its own small colour jitter "
-                            "(brightness 0.1, hue 0.1), Gaussian blur (sigma 0.1-2), sharpening (factor 2, p=0.5) "
-                            "and posterization (3 bits, p=0.5), in a random order per tile. Geometry is unchanged.")
+                            "(brightness 0.1, hue 0.1), Gaussian blur (sigma 0.1-2; by default vertical over 5 "
+                            "taps, see --patch_blur), sharpening (factor 2, p=0.5) and posterization (3 bits, "
+                            "p=0.5), in a random order per tile. Geometry is unchanged.")
     group.add_argument("--patch_augment_p", default=1.0, type=float,
                        help="Probability that a view (global or local) is patch-augmented, with --patch_augment.")
+    group.add_argument("--patch_blur", default="authors", choices=list(PATCH_BLURS),
+                       help="Kernel of the tile blur, with --patch_augment true (no effect otherwise). authors: "
+                            "their image_to_patches.py GaussianBlur kernel_size (1, 5), in torchvision's (width, "
+                            "height) order, so vertical only over 5 taps; isotropic: a square kernel up to 13x13 "
+                            "taps (3 sigma), about twice the change per pixel (runs from before this option).")
     group.add_argument("--gpu_augment", default=False, type=utils.bool_flag,
                        help="Run the photometric part of the augmentation (colour jitter, grayscale, blur, "
                             "solarization) on the training device, batched with per-sample random parameters "
@@ -234,15 +254,17 @@ def _optimisation_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--momentum_teacher must lie in [0, 1], got {args.momentum_teacher}")
     if not 0 <= args.patch_augment_p <= 1:
         problems.append(f"--patch_augment_p must lie in [0, 1], got {args.patch_augment_p}")
-    if args.patch_head == "separate" and not args.patch_loss:
-        problems.append("--patch_head separate needs --patch_loss true (without the patch loss there are no patch "
-                        "tokens for it)")
+    if args.patch_head != "shared" and not args.patch_loss:
+        problems.append(f"--patch_head {args.patch_head} needs --patch_loss true (without the patch loss there are "
+                        "no patch tokens for it): set --patch_loss true, or --patch_head shared for DINO's loss")
     if args.patch_out_dim is not None and args.patch_out_dim <= 0:
         problems.append(f"--patch_out_dim must be positive, got {args.patch_out_dim}")
     if args.cls_weight is not None and not 0 <= args.cls_weight <= 1:
         problems.append(f"--cls_weight must lie in [0, 1], got {args.cls_weight}")
-    if not (args.teacher_temp > 0 and args.warmup_teacher_temp > 0):
-        problems.append("teacher temperatures must be positive")
+    temperatures = ("warmup_teacher_temp", "teacher_temp", "warmup_teacher_patch_temp", "teacher_patch_temp")
+    if not all(getattr(args, name) > 0 for name in temperatures):
+        problems.append("teacher temperatures must be positive: " + ", ".join(
+            f"--{name} {getattr(args, name)}" for name in temperatures if not getattr(args, name) > 0))
     if args.warmup_teacher_temp_epochs > args.epochs:
         problems.append("--warmup_teacher_temp_epochs cannot exceed --epochs")
     return problems
@@ -340,23 +362,34 @@ class MultiCropWrapper(nn.Module):
     Tokens are numbered in one flat layout: view by view, sample by sample, token by token, with
     ``T_v = 1 + N_v`` tokens per view when ``patch_tokens`` is set and ``T_v = 1`` (CLS only) when not.
     The output is the heads' embeddings (their last layers' input) and the last layers' weights, so that
-    the loss can apply those linear layers itself, chunk by chunk, to the tokens it needs. With a
-    ``patch_head``, CLS tokens go through ``head`` and patch tokens through ``patch_head`` (state-dict keys
-    ``backbone.*`` and ``head.*`` stay DINO's; the patch head is under ``patch_head.*``).
+    the loss can apply those linear layers itself, chunk by chunk, to the tokens it needs. The layouts of
+    ``--patch_head``: every token through ``head`` (shared); CLS through ``head`` and patches through a second
+    full head ``patch_head`` (separate, keys ``patch_head.*``); every token through ``head``'s MLP, CLS through its
+    ``last_layer`` and patches through its ``last_layer2`` (ibot, keys ``head.last_layer2.*``). The other keys,
+    ``backbone.*`` and ``head.*``, stay DINO's.
     """
 
     def __init__(self, backbone: nn.Module, head: DINOHead, patch_tokens: bool, patch_head: DINOHead | None = None):
         super().__init__()
+        if patch_head is not None and head.last_layer2 is not None:
+            raise ValueError("patch tokens get either a separate patch head or the head's last_layer2, not both")
         self.backbone, self.head, self.patch_head, self.patch_tokens = backbone, head, patch_head, patch_tokens
 
     @property
     def heads(self) -> list[DINOHead]:
-        """The heads in ``pwself_loss.head_positions`` order: ``[head]``, or ``[head, patch_head]``."""
+        """The heads whose MLPs embed tokens: ``[head]``, or ``[head, patch_head]`` (CLS, then the patches)."""
         return [self.head] + ([self.patch_head] if self.patch_head is not None else [])
+
+    @property
+    def last_layers(self) -> list[vits.WeightNormLinear]:
+        """The last layers in ``pwself_loss.head_positions`` order: ``head.last_layer``, then the patches' own
+        (``patch_head.last_layer`` or ``head.last_layer2``) when there is one."""
+        patch_layer = self.head.last_layer2 if self.patch_head is None else self.patch_head.last_layer
+        return [self.head.last_layer] + ([patch_layer] if patch_layer is not None else [])
 
     def forward(self, views: list[torch.Tensor],
                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Views ``V x [B, 3, S_v, S_v]`` -> embeddings ``[R, d]`` and the last-layer weight ``[K_h, d]`` of each head.
+        """Views ``V x [B, 3, S_v, S_v]`` -> embeddings ``[R, d]`` and the weight ``[K_h, d]`` of each last layer.
 
         ``rows`` (int64 ``[R]``) picks tokens of the flat layout before the heads, which then run on
         those alone; ``None`` keeps all ``sum_v B * T_v``. A head with batch norm always sees every
@@ -369,7 +402,7 @@ class MultiCropWrapper(nn.Module):
             is_cls = None if is_cls is None else is_cls[rows]
             tokens, rows = tokens[rows], None  # the heads run on the selected tokens only
         embeddings = self._embed(tokens, is_cls)
-        return (embeddings if rows is None else embeddings[rows]), tuple(head.last_layer.weight for head in self.heads)
+        return (embeddings if rows is None else embeddings[rows]), tuple(layer.weight for layer in self.last_layers)
 
     def _embed(self, tokens: torch.Tensor, is_cls: torch.Tensor) -> torch.Tensor:
         """Tokens ``[R, D]`` -> embeddings ``[R, d]``: all through ``head``, or CLS (``is_cls [R]``) through ``head``
@@ -393,20 +426,22 @@ def _cls_flags(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """Student (with drop-path) and teacher (a frozen copy of the student's weights)."""
-    def head(width: int, out_dim: int) -> DINOHead:
+    """Student (with drop-path) and teacher (a frozen copy of the student's weights), both with the heads of
+    ``--patch_head`` (``MultiCropWrapper``)."""
+    def head(width: int, out_dim: int, second_out_dim: int | None = None) -> DINOHead:
         return DINOHead(width, out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer,
-                        hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
+                        hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim,
+                        patch_out_dim=second_out_dim)
 
-    def patch_head(width: int) -> DINOHead | None:
-        return None if patch_out_dim(args) is None else head(width, patch_out_dim(args))
+    def wrap(backbone: nn.Module) -> MultiCropWrapper:
+        width, patch_dim = backbone.embed_dim, patch_out_dim(args)
+        cls_head = head(width, args.out_dim, patch_dim if args.patch_head == "ibot" else None)
+        patch_head = head(width, patch_dim) if args.patch_head == "separate" else None
+        return MultiCropWrapper(backbone, cls_head, args.patch_loss, patch_head)
 
     student_backbone = vits.build_backbone(args, args.global_crops_size, args.drop_path_rate)
     teacher_backbone = vits.build_backbone(args, args.global_crops_size)
-    student = MultiCropWrapper(student_backbone, head(student_backbone.embed_dim, args.out_dim), args.patch_loss,
-                               patch_head(student_backbone.embed_dim))
-    teacher = MultiCropWrapper(teacher_backbone, head(teacher_backbone.embed_dim, args.out_dim), args.patch_loss,
-                               patch_head(teacher_backbone.embed_dim))
+    student, teacher = wrap(student_backbone), wrap(teacher_backbone)
     teacher.load_state_dict(student.state_dict())
     for parameter in teacher.parameters():
         parameter.requires_grad = False
@@ -417,21 +452,39 @@ def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, M
 # Loss.
 # ----------------------------------------------------------------------------------------------
 def teacher_temperature_schedule(args: argparse.Namespace) -> np.ndarray:
-    """Per-epoch teacher temperature: linear warm-up, then constant."""
-    warmup = np.linspace(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs)
-    return np.concatenate([warmup, np.full(args.epochs - args.warmup_teacher_temp_epochs, args.teacher_temp)])
+    """Per-epoch teacher temperature (of CLS, and of every token but with ``--patch_head ibot``): linear warm-up
+    from ``--warmup_teacher_temp`` to ``--teacher_temp`` over ``--warmup_teacher_temp_epochs``, then constant."""
+    return _warmup_then_constant(args.warmup_teacher_temp, args.teacher_temp, args)
+
+
+def patch_teacher_temperature_schedule(args: argparse.Namespace) -> np.ndarray | None:
+    """Per-epoch teacher temperature of the patch tokens with ``--patch_head ibot`` (iBOT's ``teacher_temp2``):
+    ``--warmup_teacher_patch_temp`` to ``--teacher_patch_temp`` over the same warm-up epochs, then constant.
+    None with the other heads: their patch tokens follow ``teacher_temperature_schedule``."""
+    if args.patch_head != "ibot":
+        return None
+    return _warmup_then_constant(args.warmup_teacher_patch_temp, args.teacher_patch_temp, args)
+
+
+def _warmup_then_constant(start: float, end: float, args: argparse.Namespace) -> np.ndarray:
+    """``[epochs]``: linear from ``start`` to ``end`` over ``--warmup_teacher_temp_epochs``, then ``end``."""
+    warmup = np.linspace(start, end, args.warmup_teacher_temp_epochs)
+    return np.concatenate([warmup, np.full(args.epochs - args.warmup_teacher_temp_epochs, end)])
 
 
 def build_loss(args: argparse.Namespace) -> PatchWiseDINOLoss:
     num_positions = 1 + (args.global_crops_size // args.patch_size) ** 2 if args.patch_loss else 1
     return PatchWiseDINOLoss(args.out_dim, num_positions, teacher_temperature_schedule(args),
                              cls_weight=args.cls_weight, chunk_elements=args.loss_chunk_mib * 2 ** 18,
-                             compile=args.compile, patch_out_dim=patch_out_dim(args))
+                             compile=args.compile, patch_out_dim=patch_out_dim(args),
+                             one_patch_center=args.patch_head == "ibot",
+                             patch_teacher_temps=patch_teacher_temperature_schedule(args))
 
 
 def patch_out_dim(args: argparse.Namespace) -> int | None:
-    """Prototypes of the separate patch head (``--patch_out_dim``, by default ``--out_dim``); None when shared."""
-    if args.patch_head != "separate":
+    """Prototypes of the patch tokens' own last layer (``--patch_head separate`` or ``ibot``): ``--patch_out_dim``,
+    by default ``--out_dim``; None with the shared head."""
+    if args.patch_head == "shared":
         return None
     return args.out_dim if args.patch_out_dim is None else args.patch_out_dim
 
@@ -509,7 +562,8 @@ class Trainer:
         self.run_facts = run_facts  # what else, besides the arguments, an exact resume needs unchanged
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
         self.device_photometric = (DevicePhotometric(args.local_crops_number, patch_size=args.patch_size,
-                                                     patch_augment_p=patch_augment_probability(args))
+                                                     patch_augment_p=patch_augment_probability(args),
+                                                     patch_blur=args.patch_blur)
                                    if args.gpu_augment else None)
         self.stop_signals = utils.StopSignals()  # main installs it around the training loop
         self.stop_agreed = False  # under torchrun: a process had received a stop signal by the last step
@@ -545,7 +599,13 @@ class Trainer:
             stats = {k: v for k, v in stats.items() if k not in ("loss_patch", "matched_patches")}
         return {"loss": loss_value, **stats, "lr": self.optimizer.param_groups[0]["lr"],
                 "wd": self.optimizer.param_groups[0]["weight_decay"],
-                "teacher_temp": float(self.loss_fn.teacher_temps[epoch])}
+                "teacher_temp": float(self.loss_fn.teacher_temps[epoch]), **self._patch_temperature(epoch)}
+
+    def _patch_temperature(self, epoch: int) -> dict[str, float]:
+        """``teacher_patch_temp`` for the log when the patch tokens have their own schedule (``--patch_head ibot``)."""
+        if self.loss_fn.patch_teacher_temps is None:
+            return {}
+        return {"teacher_patch_temp": float(self.loss_fn.patch_teacher_temps[epoch])}
 
     def _vote_to_stop(self) -> None:
         """Under torchrun, this process's vote (has it received a stop signal?) rides on the loss's center
@@ -663,9 +723,10 @@ RESUME_CRITICAL_ARGS = (
     "arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
     "norm_last_layer", "use_bn_in_head", "momentum_teacher", "drop_path_rate", "patch_loss", "cls_weight",
     "matching", "patch_head", "patch_out_dim", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
+    "warmup_teacher_patch_temp", "teacher_patch_temp",
     "precision", "weight_decay", "weight_decay_end", "clip_grad", "batch_size_per_gpu", "epochs", "freeze_last_layer",
     "lr", "warmup_epochs", "min_lr", "optimizer", "global_crops_scale", "global_crops_size", "local_crops_number",
-    "local_crops_scale", "local_crops_size", "patch_augment", "patch_augment_p", "gpu_augment", "seed")
+    "local_crops_scale", "local_crops_size", "patch_augment", "patch_augment_p", "patch_blur", "gpu_augment", "seed")
 
 
 def checkpoint_state(trainer: Trainer, point: ResumePoint) -> dict:
@@ -795,15 +856,25 @@ def check_finite_checkpoint(checkpoint: dict, path: Path) -> None:
 
 def resume_differences(checkpoint: dict, args: argparse.Namespace, run_facts: dict[str, int]) -> list[str]:
     """The result-deciding settings (``RESUME_CRITICAL_ARGS``, image and process counts) that differ
-    from the checkpoint's, one readable line each; settings the checkpoint does not record are skipped."""
+    from the checkpoint's, one readable line each; settings the checkpoint does not record (nor
+    ``with_former_defaults``) are skipped."""
     def same(a, b) -> bool:
         return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
-    saved_args, saved_facts = checkpoint.get("args", {}), checkpoint.get("run", {})
+    saved_args, saved_facts = with_former_defaults(checkpoint.get("args", {})), checkpoint.get("run", {})
     lines = [f"--{name}: checkpoint {saved_args[name]}, now {getattr(args, name)}" for name in RESUME_CRITICAL_ARGS
              if name in saved_args and not same(saved_args[name], getattr(args, name))]
     return lines + [f"{name}: checkpoint {saved_facts[name]}, now {value}" for name, value in run_facts.items()
                     if name in saved_facts and saved_facts[name] != value]
+
+
+def with_former_defaults(saved_args: dict) -> dict:
+    """A checkpoint's arguments plus what a run from before an argument existed did instead, where that
+    differs from the argument's default: patch-augmented runs from before ``--patch_blur`` blurred their
+    tiles isotropically (a run without ``--patch_augment`` blurred none: still skipped)."""
+    if saved_args.get("patch_augment") and "patch_blur" not in saved_args:
+        return {**saved_args, "patch_blur": "isotropic"}
+    return saved_args
 
 
 def check_resume_args(checkpoint: dict, trainer: Trainer, path: Path) -> None:
@@ -850,7 +921,8 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     augmentation = MultiCropAugmentation(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
                                          args.local_crops_number, args.global_crops_size, args.local_crops_size,
                                          photometric=not args.gpu_augment,
-                                         patch_augment_p=patch_augment_probability(args), patch_size=args.patch_size)
+                                         patch_augment_p=patch_augment_probability(args), patch_size=args.patch_size,
+                                         patch_blur=args.patch_blur)
     dataset = TrainingImages(utils.list_image_files(args.data_path), augmentation, args.strict_images)
     loader = DataLoader(dataset, sampler=ResumableSampler(dataset, args.seed), batch_size=args.batch_size_per_gpu,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,

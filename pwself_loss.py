@@ -8,7 +8,7 @@ per-position centers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -130,8 +130,8 @@ def pair_weights(match: torch.Tensor, cls_weight: float | None) -> torch.Tensor:
 
 
 def head_positions(num_heads: int) -> tuple[slice, ...]:
-    """Token positions served by each head: all of them with one shared head; CLS, then the patches, with a
-    separate patch head (``--patch_head separate``)."""
+    """Token positions served by each last layer ("head" here): all of them with one shared head; CLS, then the
+    patches, with a second last layer for the patches (``--patch_head separate`` or ``ibot``)."""
     if num_heads not in (1, 2):
         raise ValueError(f"one head (shared) or two (CLS and patches) are supported, got {num_heads}")
     return (slice(0, None),) if num_heads == 1 else (slice(0, 1), slice(1, None))
@@ -142,7 +142,7 @@ def logits_per_view(embeddings: torch.Tensor, weights: tuple[torch.Tensor, ...],
     """The heads' last layers on every token of the flat layout ``[sum_v B * T_v, d]``.
 
     Returns per view a list with one ``[B, T_v^h, K_h]`` per head (``head_positions``): ``[B, T_v, K]`` for a
-    shared head; ``[B, 1, K]`` and ``[B, T_v - 1, K_patch]`` for a separate patch head.
+    shared head; ``[B, 1, K]`` and ``[B, T_v - 1, K_patch]`` with a last layer of its own for the patches.
     """
     sizes = [batch * t for t in tokens_per_view]
     if len(weights) == 1:
@@ -169,42 +169,60 @@ class PatchWiseDINOLoss(nn.Module):
     embeddings of matched tokens); ``reference`` computes the same from full per-view logits, the
     straightforward way. Both return the same loss, gradients and statistics.
 
-    With a shared head (the default) the center is ``[1 + N, K]`` (``center``). With a separate patch head
-    (``patch_out_dim`` set) CLS tokens keep DINO's ``center [1, K]`` and patch tokens get their own
-    per-position ``patch_center [N, K_patch]``; since every pair's weight in the loss is fixed beforehand,
-    the loss is the sum of the CLS pairs' and the patch pairs' weighted cross-entropies, each through its head.
+    With a shared head (the default) the center is ``[1 + N, K]`` (``center``). With a last layer of its own
+    for the patches (``patch_out_dim`` set) CLS tokens keep DINO's ``center [1, K]`` and patch tokens get
+    ``patch_center``: one per position, ``[N, K_patch]`` (``--patch_head separate``), or with
+    ``one_patch_center`` a single ``[1, K_patch]``, the EMA of the mean over samples, views and positions
+    (``--patch_head ibot``, iBOT's ``center2``). Since every pair's weight in the loss is fixed beforehand, the
+    loss is the sum of the CLS pairs' and the patch pairs' weighted cross-entropies, each through its head.
 
     Args:
         out_dim: number of prototypes ``K`` (of the CLS head when the patch head is separate).
         num_positions: teacher tokens per global view (``1 + P_global^2``; 1 for DINO's CLS loss).
         teacher_temps: teacher temperature per epoch.
-        student_temp: student temperature.
+        student_temp: student temperature (of every head, as in iBOT).
         center_momentum: EMA momentum of the center.
         cls_weight: ``None`` for the token mean over matched pairs; else the CLS weight lambda.
         chunk_elements: logits per chunk of the fused computation (its memory, 4 bytes each).
         compile: ``torch.compile`` the fused computation's per-chunk softmax kernels.
-        patch_out_dim: ``K_patch`` of a separate patch head; ``None``: one head for every token.
+        patch_out_dim: ``K_patch`` of the patches' own last layer; ``None``: one head for every token.
+        one_patch_center: one patch center ``[1, K_patch]`` for all positions instead of one per position.
+        patch_teacher_temps: the patches' own teacher temperature per epoch; ``None``: ``teacher_temps``.
     """
 
     def __init__(self, out_dim: int, num_positions: int, teacher_temps: np.ndarray, student_temp: float = 0.1,
                  center_momentum: float = 0.9, cls_weight: float | None = None,
                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False,
-                 patch_out_dim: int | None = None):
+                 patch_out_dim: int | None = None, one_patch_center: bool = False,
+                 patch_teacher_temps: np.ndarray | None = None):
         super().__init__()
         self.student_temp, self.center_momentum, self.cls_weight = student_temp, center_momentum, cls_weight
         self.teacher_temps, self.chunk_elements, self.compile = teacher_temps, chunk_elements, compile
+        self.num_positions, self.patch_teacher_temps = num_positions, patch_teacher_temps
         if patch_out_dim is not None and num_positions < 2:
-            raise ValueError("a separate patch head needs patch tokens (--patch_loss true)")
+            raise ValueError("a last layer of the patches' own needs patch tokens (--patch_loss true)")
+        if patch_out_dim is None and (one_patch_center or patch_teacher_temps is not None):
+            raise ValueError("a patch center or temperature of the patches' own needs their own last layer "
+                             "(patch_out_dim)")
         cls_positions = num_positions if patch_out_dim is None else 1
         self.register_buffer("center", torch.zeros(cls_positions, out_dim))
+        patch_positions = 1 if one_patch_center else num_positions - 1
         self.register_buffer("patch_center",  # None (not in the state dict) with a shared head
-                             None if patch_out_dim is None else torch.zeros(num_positions - 1, patch_out_dim))
+                             None if patch_out_dim is None else torch.zeros(patch_positions, patch_out_dim))
         self.piggyback: torch.Tensor | None = None  # see _sum_over_processes
 
     @property
     def centers(self) -> tuple[torch.Tensor, ...]:
         """One center per head, in ``head_positions`` order."""
         return (self.center,) if self.patch_center is None else (self.center, self.patch_center)
+
+    def teacher_temperatures(self, epoch: int) -> tuple[float, ...]:
+        """The teacher temperature of each head at ``epoch``, in ``head_positions`` order: the patches' own
+        schedule when there is one (``--patch_head ibot``), else the CLS schedule for every head."""
+        cls_temp = float(self.teacher_temps[epoch])
+        if self.patch_center is None:
+            return (cls_temp,)
+        return cls_temp, (cls_temp if self.patch_teacher_temps is None else float(self.patch_teacher_temps[epoch]))
 
     def forward(self, student_z: torch.Tensor, student_weights: tuple[torch.Tensor, ...], teacher_z: torch.Tensor,
                 teacher_weights: tuple[torch.Tensor, ...], pairs: MatchedPairs, epoch: int,
@@ -217,7 +235,7 @@ class PatchWiseDINOLoss(nn.Module):
             teacher_z: ``[G * B * T_g, d]`` embeddings of every teacher token (no gradient).
             teacher_weights: the teacher's last-layer weight per head.
             pairs: from ``matched_pairs``.
-            epoch: selects the teacher temperature.
+            epoch: selects the teacher temperatures.
             compute_dtype: dtype of the matmuls (the autocast dtype); ``None``: the embeddings'.
 
         Returns:
@@ -226,34 +244,35 @@ class PatchWiseDINOLoss(nn.Module):
         tokens = pairs.tokens_per_view[0]
         self._check_positions(tokens, [weight.shape[0] for weight in teacher_weights])
         teacher_z = teacher_z.view(-1, tokens, teacher_z.shape[-1])
-        config = FusedConfig(self.student_temp, float(self.teacher_temps[epoch]), compute_dtype, self.chunk_elements,
-                             self.compile)
+        temperatures = self.teacher_temperatures(epoch)
+        config = FusedConfig(self.student_temp, temperatures[0], compute_dtype, self.chunk_elements, self.compile)
         if len(self.centers) == 1:
             loss, cross_entropy, entropy = matched_cross_entropy(student_z, student_weights[0], teacher_z,
                                                                  teacher_weights[0], self.center, pairs.partners,
                                                                  pairs.weights, config)
         else:
             loss, cross_entropy, entropy = self._fused_per_head(student_z, student_weights, teacher_z,
-                                                                teacher_weights, pairs, config)
+                                                                teacher_weights, pairs, config, temperatures)
         stats = self._pair_statistics(cross_entropy, pairs, entropy / teacher_z.shape[:2].numel())
         self.update_center_from_embeddings(teacher_z, teacher_weights)
         return loss, stats
 
     def _fused_per_head(self, student_z, student_weights, teacher_z, teacher_weights, pairs: MatchedPairs,
-                        config: FusedConfig):
+                        config: FusedConfig, temperatures: tuple[float, ...]):
         """``matched_cross_entropy`` for the CLS pairs through the CLS head and for the patch pairs through the
-        patch head, each against its own center; the losses and entropies add, the CEs ``[N, G]`` interleave."""
+        patch head, each against its own center and at its own teacher temperature; the losses and entropies
+        add, the CEs ``[N, G]`` interleave."""
         tokens = teacher_z.shape[1]
         sequence, position = pairs.partners.div(tokens, rounding_mode="floor"), pairs.partners.remainder(tokens)
         loss, entropy, cross_entropy = 0.0, 0.0, None
-        for where, center, student_w, teacher_w in zip(head_positions(2), self.centers, student_weights,
-                                                        teacher_weights):
+        for where, center, student_w, teacher_w, temperature in zip(head_positions(2), self.centers, student_weights,
+                                                                     teacher_weights, temperatures):
             rows = pairs.is_cls if where.start == 0 else ~pairs.is_cls
-            width = center.shape[0]  # teacher tokens this head serves per sequence
-            partners = torch.where(pairs.partners >= 0, sequence * width + position - where.start, -1)[rows]
+            served = teacher_z[:, where].contiguous()  # [S, T_h, d]: the teacher tokens this head serves
+            partners = torch.where(pairs.partners >= 0, sequence * served.shape[1] + position - where.start, -1)[rows]
             head_loss, head_ce, head_entropy = matched_cross_entropy(
-                student_z[rows], student_w, teacher_z[:, where].contiguous(), teacher_w, center, partners,
-                pairs.weights[rows], config)
+                student_z[rows], student_w, served, teacher_w, center, partners, pairs.weights[rows],
+                replace(config, teacher_temp=temperature))
             if cross_entropy is None:
                 cross_entropy = head_ce.new_zeros(pairs.partners.shape)
             cross_entropy[rows] = head_ce
@@ -268,13 +287,13 @@ class PatchWiseDINOLoss(nn.Module):
             student_logits: per view, per head ``[B, T_v^h, K_h]`` (``logits_per_view``).
             teacher_logits: per global view, per head ``[B, T_g^h, K_h]`` (no gradient).
             matches: ``{(g, v): [B, T_v]}`` teacher token per student token, -1 if unmatched.
-            epoch: selects the teacher temperature.
+            epoch: selects the teacher temperatures.
 
         Returns:
             the scalar loss and detached statistics (``loss_cls``, ``loss_patch``,
             ``matched_patches`` per view pair and sample, ``teacher_entropy``).
         """
-        teacher_probs, teacher_entropy = self.teacher_distributions(teacher_logits, float(self.teacher_temps[epoch]))
+        teacher_probs, teacher_entropy = self.teacher_distributions(teacher_logits, self.teacher_temperatures(epoch))
         positions = head_positions(len(self.centers))
         pair_losses, cls_means, patch_sums, patch_counts = [], [], [], []
         for (g, v), match in matches.items():
@@ -299,38 +318,49 @@ class PatchWiseDINOLoss(nn.Module):
         return torch.where(patch_count > 0, weighted, cls_ce.mean())  # no patch pairs: CLS term alone
 
     @torch.no_grad()
-    def teacher_distributions(self, teacher_logits: list[list[torch.Tensor]], temperature: float):
-        """Centered, sharpened teacher probabilities per global view and head ``[B, T_g^h, K_h]``, and their
-        mean entropy over tokens."""
+    def teacher_distributions(self, teacher_logits: list[list[torch.Tensor]], temperatures: tuple[float, ...]):
+        """Centered, sharpened teacher probabilities per global view and head ``[B, T_g^h, K_h]`` (head ``h`` at
+        ``temperatures[h]``; a one-row center ``[1, K_h]`` is subtracted at every position), and their mean
+        entropy over tokens."""
         probs, entropies = [], []
         for per_head in teacher_logits:
             self._check_positions(sum(logits.shape[1] for logits in per_head), [logits.shape[2] for logits in per_head])
             log_probs = [torch.log_softmax((logits.to(_loss_dtype(logits)) - center) / temperature, dim=-1)
-                         for logits, center in zip(per_head, self.centers)]
+                         for logits, center, temperature in zip(per_head, self.centers, temperatures)]
             probs.append([log_p.exp() for log_p in log_probs])
             entropies.append(torch.cat([-(p * log_p).sum(-1) for p, log_p in zip(probs[-1], log_probs)], 1).mean())
         return probs, torch.stack(entropies).mean()
 
     @torch.no_grad()
     def update_center(self, teacher_logits: list[list[torch.Tensor]]) -> None:
-        """``C <- m C + (1 - m) * mean over samples and global views`` per position, over all processes."""
-        batch_sums = [torch.stack([per_head[h].sum(0, dtype=center.dtype) for per_head in teacher_logits]).sum(0)
-                      for h, center in enumerate(self.centers)]
+        """``C <- m C + (1 - m) * mean over samples and global views`` per position (over the positions too for
+        a one-row center serving several), over all processes."""
+        batch_sums, per_row = self._pool_positions(
+            [torch.stack([per_head[h].sum(0, dtype=center.dtype) for per_head in teacher_logits]).sum(0)
+             for h, center in enumerate(self.centers)])
         self._sum_over_processes(batch_sums)
         count = sum(len(per_head[0]) for per_head in teacher_logits) * utils.get_world_size()
-        for center, batch_sum in zip(self.centers, batch_sums):
-            center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+        for center, batch_sum, positions in zip(self.centers, batch_sums, per_row):
+            center.mul_(self.center_momentum).add_(batch_sum / (count * positions), alpha=1 - self.center_momentum)
 
     @torch.no_grad()
     def update_center_from_embeddings(self, teacher_z: torch.Tensor, teacher_weights: tuple[torch.Tensor, ...]) -> None:
         """``update_center`` from embeddings ``[S, T_g, d]``: the last layer is linear, so the logits' mean
         is ``mean(z) W^T``; only ``[T_g, d]`` is summed over processes instead of ``[T_g, K]``."""
         positions = head_positions(len(self.centers))
-        batch_sums = [teacher_z[:, where].sum(0, dtype=self.center.dtype) for where in positions]
+        batch_sums, per_row = self._pool_positions([teacher_z[:, where].sum(0, dtype=self.center.dtype)
+                                                    for where in positions])
         self._sum_over_processes(batch_sums)
-        for center, batch_sum, weight in zip(self.centers, batch_sums, teacher_weights):
-            mean_logits = batch_sum / (len(teacher_z) * utils.get_world_size()) @ weight.to(center.dtype).T
+        for center, batch_sum, weight, positions in zip(self.centers, batch_sums, teacher_weights, per_row):
+            mean_logits = batch_sum / (len(teacher_z) * utils.get_world_size() * positions) @ weight.to(center.dtype).T
             center.mul_(self.center_momentum).add_(mean_logits, alpha=1 - self.center_momentum)
+
+    def _pool_positions(self, position_sums: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+        """Each head's sums per position ``[T_h, *]`` -> the sums its center's rows average, and how many positions
+        each row pools: a one-row center serving several positions (``one_patch_center``) pools them all, ``[1, *]``."""
+        pooled = [len(center) == 1 and len(total) > 1 for total, center in zip(position_sums, self.centers)]
+        return ([total.sum(0, keepdim=True) if pool else total for total, pool in zip(position_sums, pooled)],
+                [len(total) if pool else 1 for total, pool in zip(position_sums, pooled)])
 
     def _sum_over_processes(self, batch_sums: list[torch.Tensor]) -> None:
         """All-reduce every tensor of ``batch_sums`` in place, in one collective. ``piggyback``, when set, rides
@@ -348,10 +378,10 @@ class PatchWiseDINOLoss(nn.Module):
             self.piggyback = piggyback
 
     def _check_positions(self, tokens: int, out_dims: list[int]) -> None:
-        expected = (sum(center.shape[0] for center in self.centers), [center.shape[1] for center in self.centers])
+        expected = (self.num_positions, [center.shape[1] for center in self.centers])
         if (tokens, out_dims) != expected:
             raise ValueError(f"teacher logits have {tokens} tokens per sample and {out_dims} prototypes per head, "
-                             f"but the centers expect {expected[0]} and {expected[1]}: the global crop size, patch "
+                             f"but the loss expects {expected[0]} and {expected[1]}: the global crop size, patch "
                              "size, out_dim, patch_out_dim or patch head changed")
 
     @staticmethod

@@ -32,8 +32,8 @@ from torchvision.transforms import functional as TF
 
 import utils
 from device_augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (defined there, imported from here too)
-from device_augment import (check_patch_size, check_probability, check_tiling, from_tiles, patch_photometric,
-                            same_size_runs, to_tiles)
+from device_augment import (PATCH_BLURS, check_patch_blur, check_patch_size, check_probability, check_tiling,
+                            from_tiles, patch_photometric, same_size_runs, to_tiles)
 
 GEOMETRY_FIELDS = ("top", "left", "height", "width", "flipped", "size")
 
@@ -175,22 +175,24 @@ class PatchPhotometric:
     uint8 ``[B, 3, S, S]`` -> ``/ 255`` -> every tile of ``patch_size`` augmented on its own (each view
     with probability ``p``) -> rounded back to uint8 ``[B, 3, S, S]``. On the CPU each op runs only on the
     tiles that apply it (the device runs it on all, masked); same draws, from torch's global CPU generator.
+    ``blur`` is the tile blur's kernel, one of ``device_augment.PATCH_BLURS`` (the authors' vertical 5 taps).
     """
 
-    def __init__(self, patch_size: int, p: float = 1.0):
+    def __init__(self, patch_size: int, p: float = 1.0, blur: str = "authors"):
         check_patch_size(patch_size)
         check_probability(p, "patch_augment_p")
-        self.patch_size, self.p = patch_size, p
+        check_patch_blur(blur)
+        self.patch_size, self.p, self.blur = patch_size, p, blur
 
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
         if views.dtype != torch.uint8:
             raise TypeError(f"PatchPhotometric takes uint8 views [B, 3, S, S], got {views.dtype} (float views in "
                             "[0, 1] go to device_augment.patch_photometric)")
-        images = patch_photometric(views.float().div_(255), self.patch_size, self.p)
+        images = patch_photometric(views.float().div_(255), self.patch_size, self.p, blur=self.blur)
         return images.mul_(255).round_().to(torch.uint8)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(patch_size={self.patch_size}, p={self.p})"
+        return f"{type(self).__name__}(patch_size={self.patch_size}, p={self.p}, blur={self.blur!r})"
 
 
 class MultiCropAugmentation:
@@ -202,9 +204,10 @@ class MultiCropAugmentation:
     only cropped and flipped (the colour part then runs on the training device, ``device_augment.py``).
 
     With ``patch_augment_p > 0`` every view then gets, with that probability, the patch-level
-    photometrics on tiles of ``patch_size`` (``PatchPhotometric``), here when ``photometric`` is true and
-    on the device otherwise. They run after all views are cut and coloured, so that the crops, flips and
-    DINO photometrics draw the same random numbers as without them; at 0 (the default) nothing is drawn.
+    photometrics on tiles of ``patch_size`` (``PatchPhotometric``, tile blur kernel ``patch_blur``), here
+    when ``photometric`` is true and on the device otherwise. They run after all views are cut and coloured,
+    so that the crops, flips and DINO photometrics draw the same random numbers as without them; at 0 (the
+    default) nothing is drawn.
 
     Calling it on a PIL image returns ``(views, geometry)``: a list of ``2 + local_crops_number``
     uint8 tensors ``[3, S, S]`` (S the global or local size; normalisation happens on the device)
@@ -214,10 +217,11 @@ class MultiCropAugmentation:
     def __init__(self, global_crops_scale: tuple[float, float] = (0.4, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
                  global_crops_size: int = 224, local_crops_size: int = 96, photometric: bool = True,
-                 patch_augment_p: float = 0.0, patch_size: int | None = None):
+                 patch_augment_p: float = 0.0, patch_size: int | None = None, patch_blur: str = "authors"):
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
         check_probability(patch_augment_p, "patch_augment_p")
+        check_patch_blur(patch_blur)
         if patch_augment_p > 0:
             if patch_size is None:
                 raise ValueError("patch_augment_p > 0 needs patch_size (the ViT's patch size)")
@@ -235,9 +239,9 @@ class MultiCropAugmentation:
         else:
             self.global_photometrics = [transforms.PILToTensor()] * 2
             self.local_photometric = transforms.PILToTensor()
-        self.patch_augment_p, self.patch_size = patch_augment_p, patch_size
+        self.patch_augment_p, self.patch_size, self.patch_blur = patch_augment_p, patch_size, patch_blur
         here = photometric and patch_augment_p > 0  # with photometric=False the device runs them
-        self.patch_photometric = PatchPhotometric(patch_size, patch_augment_p) if here else None
+        self.patch_photometric = PatchPhotometric(patch_size, patch_augment_p, patch_blur) if here else None
 
     @property
     def num_views(self) -> int:
@@ -269,8 +273,8 @@ class MultiCropAugmentation:
 
     def __repr__(self) -> str:
         where = "here" if self.photometric else "on the device"
-        patch = (f", patch photometrics p={self.patch_augment_p} on {self.patch_size}px tiles {where}"
-                 if self.patch_augment_p > 0 else "")
+        patch = (f", patch photometrics p={self.patch_augment_p} on {self.patch_size}px tiles {where} "
+                 f"({self.patch_blur} blur)" if self.patch_augment_p > 0 else "")
         return (f"{type(self).__name__}(global={self.global_crop.size[0]}px scale={self.global_crop.scale}, "
                 f"local={self.local_crops_number}x{self.local_crop.size[0]}px scale={self.local_crop.scale}, "
                 f"photometric={where}{patch})")
@@ -317,6 +321,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", default=224, type=int, help="Side of the view in pixels (a global view).")
     parser.add_argument("--patch_size", default=16, type=int, help="Side of the tiles (the ViT's patch size).")
     parser.add_argument("--seed", default=0, type=int, help="Seed of the crop, the flip and the tiles' draws.")
+    parser.add_argument("--patch_blur", default="authors", choices=list(PATCH_BLURS),
+                        help="Kernel of the tile blur, as the training script's --patch_blur.")
     return parser
 
 
@@ -349,9 +355,10 @@ def main(args: argparse.Namespace) -> Path:
     crop, flip = RandomResizedCropWithGeometry(args.size, (0.4, 1.0)), RandomHorizontalFlipWithGeometry(p=0.5)
     view, geometry = flip(*crop(image))
     before = TF.pil_to_tensor(view)
-    after = PatchPhotometric(args.patch_size)(before[None])[0]
+    after = PatchPhotometric(args.patch_size, blur=args.patch_blur)(before[None])[0]
     side_by_side({f"view ({args.size} px)": with_tile_grid(before, args.patch_size),
-                  f"patch-augmented ({args.patch_size} px tiles)": with_tile_grid(after, args.patch_size)}
+                  f"patch-augmented ({args.patch_size} px tiles, {args.patch_blur} blur)":
+                      with_tile_grid(after, args.patch_size)}
                  ).save(args.output, optimize=True)
     print(f"view {geometry}; wrote {args.output} ({args.output.stat().st_size / 1000:.0f} kB)")
     return args.output

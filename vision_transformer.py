@@ -229,10 +229,15 @@ class DINOHead(nn.Module):
         nlayers: linear layers in the MLP (at least 1).
         hidden_dim: width of the hidden layers.
         bottleneck_dim: width of the MLP output fed to the last layer.
+        patch_out_dim: prototypes ``K_patch`` of a second weight-normalised last layer, ``last_layer2``, on the
+            same bottleneck, for patch tokens (``--patch_head ibot``: iBOT's ``iBOTHead(shared_head=False)``
+            layout); ``None``: no second last layer (``last_layer2`` is None and not in the state dict).
+            ``norm_last_layer`` applies to both last layers; ``forward`` uses ``last_layer`` only.
     """
 
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
-                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 patch_out_dim: int | None = None):
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"nlayers must be at least 1, got {nlayers}")
@@ -240,6 +245,10 @@ class DINOHead(nn.Module):
         self.apply(_init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.last_layer.weight_g.requires_grad = not norm_last_layer
+        # Drawn after last_layer: the MLP and last_layer get the same initial weights with or without it.
+        self.last_layer2 = None if patch_out_dim is None else WeightNormLinear(bottleneck_dim, patch_out_dim)
+        if self.last_layer2 is not None:
+            self.last_layer2.weight_g.requires_grad = not norm_last_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features ``[..., in_dim]`` -> logits ``[..., out_dim]``."""
@@ -351,7 +360,8 @@ def backbone_state_dict(checkpoint: dict, checkpoint_key: str = "teacher") -> di
         raise KeyError(f"no '{checkpoint_key}' weights in this checkpoint; it holds {nested}: pass one of "
                        f"them with --checkpoint_key")
     stripped = utils.strip_prefixes(checkpoint, ("module.", "backbone."))
-    # Drop DINO's projection head, a separate patch head (--patch_head separate) and timm's classifier.
+    # Drop DINO's projection head (with iBOT's second last layer, head.last_layer2, of --patch_head ibot), a separate
+    # patch head (patch_head.*, --patch_head separate) and timm's classifier.
     return {key: value for key, value in stripped.items() if not key.startswith(("head.", "patch_head.", "fc_norm."))}
 
 

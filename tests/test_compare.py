@@ -237,3 +237,20 @@ def test_folders_written_before_the_segmentation_option_are_reused(finished, dat
     (output / "compare_args.json").write_text(json.dumps(settings))
     summary = compare.main(parse(*compare_argv(dataset, output)))
     assert "train ..." not in capsys.readouterr().out and summary["runs"] == finished[1]["runs"]
+
+
+def test_position_only_floors_are_rows_of_the_table(finished):
+    output, summary = finished
+    table = (output / "comparison.md").read_text()
+    corr = json.loads((output / "random" / "correspondence.json").read_text())
+    assert set(summary["floors"]) == {"same_cell", "flip_aware"}
+    for floor, title in compare.FLOOR_ROWS.items():
+        values = summary["floors"][floor]
+        assert values["corr_within_one"] == corr["all"][f"{floor}_within_one"]
+        assert values["corr_textured"] == corr["textured"][f"{floor}_accuracy"]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {title} |"))
+        assert row.split(" | ")[1:3] == ["-", "-"]  # no k-NN or linear figure for a predictor without features
+        assert f"{values['corr_accuracy']:.2f}" in row
+    lines = table.splitlines()
+    assert lines.index(next(line for line in lines if line.startswith("| random weights"))) + 1 == \
+        lines.index(next(line for line in lines if line.startswith("| position only: same cell")))

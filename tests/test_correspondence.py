@@ -1,5 +1,6 @@
 """Dense patch correspondence: exact answers on hand-built views, chance levels, the script end to end."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,10 @@ from conftest import PHOTOS, TINY_BACKBONE_ARGS, write_images
 
 PATCH = 4
 CPU = torch.device("cpu")
+
+
+# The earlier protocol's equal views: the query as large as the reference, no colour change.
+EQUAL_VIEWS = ("--query_size", "16", "--photometric", "false")
 
 
 def parse(*extra: str):
@@ -73,7 +78,7 @@ def test_identical_views_match_every_patch(weights, square_photos, request, caps
     weight_args = ["--random_init"] if weights == "random_init" else \
         ["--pretrained_weights", str(request.getfixturevalue("trained_checkpoint"))]
     result = ec.main(parse("--data_path", str(square_photos), "--reference_scale", "1", "1", "--query_scale", "1", "1",
-                           "--flip_p", "0", *weight_args))
+                           "--flip_p", "0", *EQUAL_VIEWS, *weight_args))
     assert result["all"]["pairs"] == len(PHOTOS) * 16
     assert result["all"]["accuracy"] == 100.0 and result["all"]["within_one"] == 100.0
     assert result["all"]["mean_error"] == 0.0
@@ -88,7 +93,8 @@ def test_flipped_query_gives_the_analytic_answers(grid):
     metrics = ec.correspondence_metrics(predicted, truth, textured, grid)
     assert metrics["all"]["accuracy"] == 100.0 and metrics["all"]["mean_error"] == 0.0
     assert not textured.any()  # flat blocks have no texture: an empty block with nulls
-    assert json.loads(json.dumps(metrics["textured"])) == {"pairs": 0, **{name: None for name in ec.METRIC_NAMES}}
+    without_floors = [name for name in ec.METRIC_NAMES if not name.startswith(ec.FLOORS)]  # none were given
+    assert json.loads(json.dumps(metrics["textured"])) == {"pairs": 0, **{name: None for name in without_floors}}
 
     # Content-blind tokens predict the query's own position; only the middle column (odd grids) is its mirror.
     predicted, truth, textured = ec.evaluate_batch(pair, position_codes, PATCH, 10.0, CPU)
@@ -179,9 +185,9 @@ def test_script_writes_json_final_line_and_figures(random_images, tmp_path, caps
     assert 0 < result["all"]["pairs"] <= 5 * 16 and "chance" in printed
     written = sorted(figures.glob("*.png"))
     assert [path.name for path in written] == ["correspondence_000.png", "correspondence_001.png"]
-    for path in written:
+    for path in written:  # the 16 px reference upscaled to 256 px, the 8 px query by the same factor
         with Image.open(path) as figure:
-            assert figure.width >= 2 * 256 and figure.height >= 256
+            assert figure.width >= 256 + 128 and figure.height >= 256
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -222,11 +228,14 @@ def recorded_run(args, images) -> tuple[dict, torch.Tensor, torch.Tensor]:
     seen = []
 
     def recording_pixel_means(batch: torch.Tensor) -> torch.Tensor:
-        seen.append(batch.chunk(2))
+        seen.append(batch)
         return pixel_means(batch)
 
     summary = ec.run_evaluation(args, images, recording_pixel_means, CPU)
-    references, queries = zip(*seen)
+    if ec.query_size_of(args.size, args.patch_size, args.query_size) == args.size:  # both views in one pass
+        references, queries = zip(*(batch.chunk(2) for batch in seen))
+    else:  # a pass per view size, the reference's first
+        references, queries = seen[0::2], seen[1::2]
     return summary, torch.cat(references), torch.cat(queries)
 
 
@@ -249,8 +258,8 @@ def test_pairs_do_not_depend_on_batch_size_or_subset(random_images):
 
 def test_photometrics_leave_the_geometry_alone(random_images):
     images = ec.select_images(random_images, 3, seed=0)
-    plain = ec.build_view_pairs(images, ec.ViewPairSampler.from_args(parse()))
-    coloured = ec.build_view_pairs(images, ec.ViewPairSampler.from_args(parse("--photometric", "true")))
+    plain = ec.build_view_pairs(images, ec.ViewPairSampler.from_args(parse("--photometric", "false")))
+    coloured = ec.build_view_pairs(images, ec.ViewPairSampler.from_args(parse()))
     assert torch.equal(plain.reference_geometry, coloured.reference_geometry)
     assert torch.equal(plain.query_geometry, coloured.query_geometry)
     assert not torch.equal(plain.reference, coloured.reference)
@@ -265,3 +274,98 @@ def test_non_finite_weights_are_refused(trained_checkpoint, random_images, tmp_p
     with pytest.raises(RuntimeError, match=r"checkpoint.pth are not finite: tensor cls_token holds NaN or infinity; "
                                            r"this is a training checkpoint \(epoch 1\): the training run diverged"):
         ec.main(parse("--data_path", str(random_images), "--pretrained_weights", str(tmp_path / "checkpoint.pth")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Position-only floors and query views of their own size.
+# ----------------------------------------------------------------------------------------------
+def brute_force_floor(reference_geometry, query_geometry, reference_grid: int, query_grid: int,
+                      flip_aware: bool) -> list[list[int]]:
+    """Per pair, the reference cell under each query cell's relative place, by explicit loops."""
+    answers = []
+    for ref, qry in zip(reference_geometry.tolist(), query_geometry.tolist()):
+        mirrored = flip_aware and (ref[4] > 0) != (qry[4] > 0)
+        cells = []
+        for row in range(query_grid):
+            for col in range(query_grid):
+                ref_row = math.floor((row + 0.5) / query_grid * reference_grid)
+                ref_col = math.floor((col + 0.5) / query_grid * reference_grid)
+                cells.append(ref_row * reference_grid + (reference_grid - 1 - ref_col if mirrored else ref_col))
+        answers.append(cells)
+    return answers
+
+
+def brute_force_scores(predicted: list[list[int]], truth: list[list[int]], grid: int) -> tuple[float, float, float]:
+    exact = within = error = count = 0
+    for guesses, answers in zip(predicted, truth):
+        for guess, answer in zip(guesses, answers):
+            if answer < 0:
+                continue
+            (g_row, g_col), (t_row, t_col) = divmod(guess, grid), divmod(answer, grid)
+            count += 1
+            exact += guess == answer
+            within += max(abs(g_row - t_row), abs(g_col - t_col)) <= 1
+            error += math.hypot(g_row - t_row, g_col - t_col)
+    return 100 * exact / count, 100 * within / count, error / count
+
+
+@pytest.mark.parametrize("query_size", [16, 8, 24])
+def test_position_floors_match_a_brute_force_count(random_images, query_size):
+    sampler = ec.ViewPairSampler(16, (0.3, 1.0), (0.05, 0.5), 0.5, False, seed=3, query_size=query_size)
+    pairs = ec.build_view_pairs(ec.select_images(random_images, 12, 0), sampler)
+    truth = ec.ground_truth_cells(pairs.reference_geometry, pairs.query_geometry, PATCH)
+    assert pairs.query.shape[-1] == query_size and truth.shape == (12, (query_size // PATCH) ** 2)
+    floors = ec.position_floors(pairs, PATCH)
+    metrics = ec.correspondence_metrics(torch.zeros_like(truth), truth, torch.ones_like(truth, dtype=torch.bool),
+                                        4, floors)["all"]
+    for name in ec.FLOORS:
+        expected = brute_force_floor(pairs.reference_geometry, pairs.query_geometry, 4, query_size // PATCH,
+                                     flip_aware=name == "flip_aware")
+        assert floors[name].tolist() == expected
+        actual = tuple(metrics[f"{name}_{score}"] for score in ec.SCORES)
+        assert actual == pytest.approx(brute_force_scores(expected, truth.tolist(), 4))
+
+
+def test_floors_on_a_mirrored_pair_same_cell_misses_and_flip_aware_is_exact():
+    pair = colour_block_pair(4)  # identical crops, only the query is flipped
+    truth = ec.ground_truth_cells(pair.reference_geometry, pair.query_geometry, PATCH)
+    floors = ec.position_floors(pair, PATCH)
+    assert torch.equal(floors["flip_aware"], truth)
+    assert torch.equal(floors["same_cell"], torch.arange(16)[None])  # the query's own cell, never the mirror here
+
+
+def test_query_view_of_its_own_size_matches_identical_crops_exactly(square_photos):
+    result = ec.main(parse("--data_path", str(square_photos), "--reference_scale", "1", "1", "--query_scale", "1", "1",
+                           "--flip_p", "0", "--query_size", "8", "--random_init"))
+    assert result["all"]["pairs"] == len(PHOTOS) * 4  # the 2 x 2 query grid
+    assert result["settings"]["query_size"] == 8
+    # Without crops or flips, the relative place is the answer: both floors are exact.
+    assert result["all"]["same_cell_accuracy"] == result["all"]["flip_aware_accuracy"] == 100.0
+
+
+def test_summary_table_prints_chance_and_both_floors(random_images, capsys):
+    ec.main(parse("--random_init", "--data_path", str(random_images), "--num_images", "4"))
+    printed = capsys.readouterr().out
+    assert "same cell" in printed and "flip-aware cell" in printed and "chance" in printed
+
+
+def test_query_size_must_be_a_multiple_of_the_patch():
+    with pytest.raises(ValueError, match="--query_size 10 is not a positive multiple of --patch_size 4"):
+        ec.validate_args(parse("--random_init", "--data_path", ".", "--query_size", "10"))
+
+
+@pytest.mark.parametrize("size, patch, expected", [(224, 16, 112), (32, 8, 16), (8, 8, 8), (36, 4, 16), (48, 16, 16)])
+def test_default_query_is_half_the_reference_in_whole_patches(size, patch, expected):
+    assert ec.query_size_of(size, patch, None) == expected
+    assert ec.query_size_of(size, patch, size) == size  # the earlier protocol's equal views, when asked for
+
+
+def test_default_protocol_cuts_the_query_like_a_local_view_and_records_it(random_images):
+    args = parse("--random_init", "--data_path", str(random_images))
+    assert (args.query_scale, args.photometric, args.query_size) == ((0.05, 0.4), True, None)
+    sampler = ec.ViewPairSampler.from_args(args)
+    pairs = ec.build_view_pairs(ec.select_images(random_images, 2, seed=0), sampler)
+    assert pairs.reference.shape[-1] == 16 and pairs.query.shape[-1] == 8
+    assert ec.settings_of(args)["query_size"] == 8
+    old = ec.ViewPairSampler.from_args(parse("--query_scale", "0.2", "0.6", *EQUAL_VIEWS))
+    assert ec.build_view_pairs(ec.select_images(random_images, 2, seed=0), old).query.shape[-1] == 16

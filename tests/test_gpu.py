@@ -58,7 +58,7 @@ def _trainer_losses(tmp_path, extra, steps=2):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-@pytest.mark.parametrize("head", ["shared", "separate"])
+@pytest.mark.parametrize("head", ["shared", "separate", "ibot"])
 def test_fused_step_equals_reference_step_on_cuda(tmp_path, precision, head):
     extra = ["--precision", precision, "--patch_head", head, "--patch_out_dim", "48"]
     fused = _trainer_losses(tmp_path, extra + ["--fused_loss", "true"])

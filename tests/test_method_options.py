@@ -4,6 +4,7 @@ left bitwise as it was before any of them existed."""
 import hashlib
 import json
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +79,12 @@ def per_token_loss(geometry, tokens, student_z, student_w, teacher_z, teacher_w,
     return torch.stack(pair_losses).mean()
 
 
-@pytest.mark.parametrize("cls_weight", [None, 0.7])
-def test_separate_head_loss_matches_a_token_by_token_computation(cls_weight):
-    geometry, matches, tokens, student_z, student_w, teacher_z, teacher_w, centers = make_batch(0)
-    expected = per_token_loss(geometry, tokens, student_z, student_w, teacher_z, teacher_w, centers, cls_weight)
+def assert_both_paths_give(expected, reference_fn, fused_fn, batch, cls_weight) -> None:
+    """The reference and the fused loss of ``batch`` (``make_batch``'s tuple) equal ``expected`` with its
+    gradients, and agree on statistics and updated centers."""
+    geometry, matches, tokens, student_z, student_w, teacher_z, teacher_w, _ = batch
     expected_grads = torch.autograd.grad(expected, (student_z, *student_w))
     pairs = matched_pairs(matches, cls_weight)
-    reference_fn, fused_fn = make_loss(centers, cls_weight), make_loss(centers, cls_weight, chunk_elements=3 * K)
     student = logits_per_view(student_z, student_w, tokens, len(geometry))
     teacher = logits_per_view(teacher_z, teacher_w, tokens[:2], len(geometry))
     assert [logits.shape[1:] for logits in student[2]] == [(1, K), (tokens[2] - 1, K_PATCH)]
@@ -98,6 +98,15 @@ def test_separate_head_loss_matches_a_token_by_token_computation(cls_weight):
         torch.testing.assert_close(fused_stats[name].double(), value.double(), rtol=1e-10, atol=1e-12)
     for ours, theirs in zip(fused_fn.centers, reference_fn.centers):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls_weight", [None, 0.7])
+def test_separate_head_loss_matches_a_token_by_token_computation(cls_weight):
+    batch = make_batch(0)
+    geometry, _, tokens, student_z, student_w, teacher_z, teacher_w, centers = batch
+    expected = per_token_loss(geometry, tokens, student_z, student_w, teacher_z, teacher_w, centers, cls_weight)
+    assert_both_paths_give(expected, make_loss(centers, cls_weight), make_loss(centers, cls_weight, 3 * K), batch,
+                           cls_weight)
 
 
 def test_separate_centers_follow_their_own_tokens():
@@ -175,6 +184,53 @@ def test_patch_augmentation_trains_and_resumes_exactly(tmp_path, monkeypatch, wh
     assert any(changed)  # the option reaches the views
     with pytest.raises(ValueError, match="--patch_augment_p must lie in"):
         patch_wise_dino.main(parse(data, tmp_path / "c", *options, "--patch_augment", "true", "--patch_augment_p", "2"))
+
+
+def test_patch_blur_is_the_authors_kernel_by_default_and_reaches_both_paths(tmp_path, capsys):
+    data = write_images(tmp_path / "data", per_class=2)
+    assert parse(data, tmp_path / "run").patch_blur == "authors"
+    with pytest.raises(SystemExit):
+        parse(data, tmp_path / "run", "--patch_blur", "gaussian")
+    error = capsys.readouterr().err
+    assert re.search(r"--patch_blur: invalid choice: 'gaussian' \(choose from '?authors'?, '?isotropic'?\)", error)
+    isotropic = parse(data, tmp_path / "run", "--patch_augment", "true", "--patch_blur", "isotropic")
+    assert patch_wise_dino.build_loader(isotropic).dataset.transform.patch_photometric.blur == "isotropic"
+    trainer = patch_wise_dino.main(parse(data, tmp_path / "device", "--epochs", "1", "--patch_augment", "true",
+                                         "--patch_blur", "isotropic", "--gpu_augment", "true"))
+    assert trainer.device_photometric.patch_blur == "isotropic"
+
+
+def test_patch_augmented_checkpoints_from_before_patch_blur_resume_as_isotropic(tmp_path, monkeypatch):
+    """Runs before --patch_blur blurred tiles isotropically: their checkpoints lack the argument."""
+    data = write_images(tmp_path / "data", per_class=2)
+    options = ["--patch_augment", "true", "--patch_blur", "isotropic"]
+    step = patch_wise_dino.Trainer.step
+
+    def crash_in_epoch_1(self, images, geometry, epoch, *rest):
+        if epoch == 1:
+            raise Crash
+        return step(self, images, geometry, epoch, *rest)
+
+    monkeypatch.setattr(patch_wise_dino.Trainer, "step", crash_in_epoch_1)
+    with pytest.raises(Crash):
+        patch_wise_dino.main(parse(data, tmp_path / "run", "--epochs", "2", *options))
+    monkeypatch.undo()
+    checkpoint_path = tmp_path / "run" / "checkpoint.pth"
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    del checkpoint["args"]["patch_blur"]
+    torch.save(checkpoint, checkpoint_path)
+    with pytest.raises(ValueError, match="--patch_blur: checkpoint isotropic, now authors"):
+        patch_wise_dino.main(parse(data, tmp_path / "run", "--epochs", "2", "--patch_augment", "true"))
+    patch_wise_dino.main(parse(data, tmp_path / "run", "--epochs", "2", *options))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in log] == [0, 1]  # continued after epoch 0, not restarted
+
+    plain = parse(data, tmp_path / "run")  # without --patch_augment no tile is blurred: nothing to compare
+    saved = {name: value for name, value in vars(plain).items() if name != "patch_blur"}
+    assert patch_wise_dino.resume_differences({"args": saved}, plain, {}) == []
+    authors = parse(data, tmp_path / "run", "--patch_augment", "true")
+    assert patch_wise_dino.resume_differences({"args": vars(authors)}, parse(data, tmp_path / "run", *options),
+                                              {}) == ["--patch_blur: checkpoint authors, now isotropic"]
 
 
 def test_patch_head_arguments_are_checked(tmp_path):

@@ -1,5 +1,6 @@
 """Patch-level photometric augmentation (METHOD.md section 5): the tile ops, the CPU path in
 MultiCropAugmentation, the device path in DevicePhotometric, and their agreement."""
+import inspect
 import math
 
 import numpy as np
@@ -163,9 +164,10 @@ def test_device_path_runs_them_after_the_dino_photometrics():
 # ----------------------------------------------------------------------------------------------
 # Each op against torchvision's functional op, on tiles.
 # ----------------------------------------------------------------------------------------------
-def tile_op(name: str, tiles: torch.Tensor, active: torch.Tensor, *values: torch.Tensor, masked: bool):
-    """Op ``name`` of ``_TILE_OPS`` on the ``active`` tiles, dispatched as on the CPU or as on the device."""
-    return da._apply_where(tiles, da._TILE_OPS[name], active, values, da._TILE_IDENTITY[name], masked)
+def tile_op(name: str, tiles: torch.Tensor, active: torch.Tensor, *values: torch.Tensor, masked: bool,
+            blur: str = "authors"):
+    """Op ``name`` of ``_tile_ops(blur)`` on the ``active`` tiles, dispatched as on the CPU or as on the device."""
+    return da._apply_where(tiles, da._tile_ops(blur)[name], active, values, da._TILE_IDENTITY[name], masked)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -206,13 +208,92 @@ def test_posterize_is_torchvisions_with_three_bits(masked):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("patch_size", [16, 8])
-def test_blur_is_torchvisions_inside_each_tile(photo, patch_size, masked):
+@pytest.mark.parametrize("blur,kernel_size", [("authors", [1, 5]), ("isotropic", [13, 13])])
+def test_blur_is_torchvisions_inside_each_tile(photo, patch_size, masked, blur, kernel_size):
     tiles = da.to_tiles(photo_tiles(photo, size=32, count=1), patch_size)[:3]
     sigma = torch.tensor([0.3, 1.9, 1.0])
-    ours = tile_op("blur", tiles, torch.tensor([True, True, False]), sigma, masked=masked)
+    ours = tile_op("blur", tiles, torch.tensor([True, True, False]), sigma, masked=masked, blur=blur)
     for tile, out, s in zip(tiles[:2], ours, sigma.tolist()):
-        torch.testing.assert_close(out, TF.gaussian_blur(tile, [13, 13], [s, s]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, TF.gaussian_blur(tile, kernel_size, [s, s]), rtol=0, atol=1e-5)
     assert torch.equal(ours[2], tiles[2])
+
+
+def impulse_tiles(side: int, count: int = 1) -> torch.Tensor:
+    """``count`` tiles ``[count, 3, side, side]``, 0 but for a 1 in the middle pixel ``(side // 2, side // 2)``."""
+    tiles = torch.zeros(count, 3, side, side)
+    tiles[..., side // 2, side // 2] = 1.0
+    return tiles
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("side", [16, 8])
+def test_authors_blur_spreads_an_impulse_over_five_rows_of_its_column(side, masked):
+    """torchvision's kernel_size (1, 5) is (width, height): vertical only, 5 taps, torchvision's weights."""
+    tiles, middle = impulse_tiles(side), side // 2
+    for s in (0.6, 1.0, 2.0):
+        out = tile_op("blur", tiles, torch.tensor([True]), torch.tensor([s]), masked=masked)[0]
+        rows, columns = out.abs().amax(0).nonzero().unbind(1)
+        assert rows.tolist() == list(range(middle - 2, middle + 3)) and set(columns.tolist()) == {middle}
+        torch.testing.assert_close(out, TF.gaussian_blur(tiles[0], [1, 5], [s, s]), rtol=0, atol=1e-6)
+
+
+def test_isotropic_blur_spreads_an_impulse_both_ways():
+    tiles = impulse_tiles(16)
+    out = tile_op("blur", tiles, torch.tensor([True]), torch.tensor([1.0]), masked=False, blur="isotropic")[0]
+    rows, columns = out.abs().amax(0).nonzero().unbind(1)
+    assert len(set(rows.tolist())) > 5 and len(set(columns.tolist())) > 5  # 3 sigma each way, both ways
+    torch.testing.assert_close(out, TF.gaussian_blur(tiles[0], [13, 13], [1.0, 1.0]), rtol=0, atol=1e-6)
+
+
+def textured_views(count: int = 4, size: int = 64) -> torch.Tensor:
+    """Natural-ish views ``[count, 3, size, size]`` in [0, 1]: per channel, sums of gratings of random
+    frequency, orientation and phase (edges and texture at many scales and directions), a little noise."""
+    generator = torch.Generator().manual_seed(0)
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+    frequency, angle, phase = (torch.rand(count, 3, 6, 1, 1, generator=generator) * scale
+                               for scale in (0.5, math.pi, 2 * math.pi))
+    gratings = torch.sin((0.05 + frequency) * (x * torch.cos(angle) + y * torch.sin(angle)) + phase)
+    noise = 0.01 * torch.randn(count, 3, size, size, generator=generator)
+    return (gratings.mean(2) / 2 + 0.5 + noise).clamp(0, 1)
+
+
+def test_authors_blur_changes_pixels_less_than_the_isotropic_one():
+    tiles = da.to_tiles(textured_views(), 8)
+    sigma = torch.empty(len(tiles)).uniform_(*da.PATCH_BLUR_SIGMA, generator=torch.Generator().manual_seed(1))
+    change = {blur: (tile_op("blur", tiles, torch.ones(len(tiles), dtype=torch.bool), sigma, masked=False,
+                             blur=blur) - tiles).abs().mean().item() for blur in da.PATCH_BLURS}
+    assert 0 < change["authors"] < 0.75 * change["isotropic"]  # about half, measured on this image
+
+
+def without_other_tile_ops(monkeypatch) -> None:
+    """Leave only the blur of the patch-level photometrics: jitter by identity factors, the coin flips never."""
+    monkeypatch.setitem(da.PATCH_JITTER, "brightness", (1.0, 1.0))
+    monkeypatch.setitem(da.PATCH_JITTER, "hue", (0.0, 0.0))
+    monkeypatch.setattr(da, "PATCH_SHARPNESS_P", 0.0)
+    monkeypatch.setattr(da, "PATCH_POSTERIZE_P", 0.0)
+
+
+@pytest.mark.parametrize("path", ["workers", "device"])
+def test_both_paths_blur_tiles_with_the_chosen_kernel_the_authors_by_default(monkeypatch, path):
+    """An impulse in the middle of every 8-px tile: with the authors' kernel (the default) only its column
+    changes, at most 2 rows away; with the isotropic one the neighbouring columns too."""
+    without_other_tile_ops(monkeypatch)
+    tiles = impulse_tiles(8, count=4 * 4 * 4)
+    views = (da.from_tiles(tiles, (4, 3, 32, 32)) * 255).to(torch.uint8)
+    changed = {}
+    for blur in (None, *da.PATCH_BLURS):
+        option = {} if blur is None else {"blur" if path == "workers" else "patch_blur": blur}
+        torch.manual_seed(0)
+        if path == "workers":
+            out = PatchPhotometric(8, **option)(views)
+        else:
+            out = da.DevicePhotometric(2, **IDENTITY, patch_augment_p=1.0, patch_size=8, **option)([views] * 4)[0]
+        changed[blur] = da.to_tiles((out != (views if path == "workers" else da.normalize(views)))[:, :1], 8)[:, 0]
+    assert torch.equal(changed[None], changed["authors"])
+    rows, columns = changed["authors"].any(0).nonzero().unbind(1)
+    assert set(columns.tolist()) == {4} and set(rows.tolist()) == {2, 3, 4, 5, 6}
+    assert changed["isotropic"][:, :, [3, 5]].any()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +379,8 @@ def test_the_agreement_test_sees_a_broken_device_path(cpu_sample, monkeypatch, b
     cpu, plain = cpu_sample
     if break_it == "posterize never":
         monkeypatch.setattr(da, "PATCH_POSTERIZE_P", 0.0)
-    elif break_it == "blur never":
-        monkeypatch.setitem(da._TILE_OPS, "blur", lambda tiles, sigma: tiles)
+    elif break_it == "blur never":  # the default kernel, the one both paths run
+        monkeypatch.setitem(da._TILE_BLURS, "authors", lambda tiles, sigma: tiles)
     else:
         monkeypatch.setitem(da.PATCH_JITTER, "hue", (0.0, 0.0))
     device = tile_statistics(device_plain(plain), device_views(plain))
@@ -326,12 +407,28 @@ def test_arguments_are_validated():
         PatchPhotometric(16, p=-0.1)
     with pytest.raises(TypeError, match="uint8"):
         PatchPhotometric(8)(torch.rand(1, 3, 16, 16))
+    allowed = r"patch_blur must be one of 'authors', 'isotropic' \('authors': vertical only, 5 taps.*got 'gaussian'"
+    for make in (lambda: da.DevicePhotometric(2, patch_augment_p=1.0, patch_size=8, patch_blur="gaussian"),
+                 lambda: MultiCropAugmentation(patch_augment_p=1.0, patch_size=16, patch_blur="gaussian"),
+                 lambda: PatchPhotometric(8, blur="gaussian"),
+                 lambda: da.patch_photometric(torch.rand(1, 3, 16, 16), 8, blur="gaussian")):
+        with pytest.raises(ValueError, match=allowed):
+            make()
     MultiCropAugmentation(local_crops_number=0, patch_augment_p=1.0, patch_size=32)  # no local view to divide
 
 
+def test_the_authors_kernel_is_the_default():
+    assert da.DevicePhotometric(2).patch_blur == PatchPhotometric(8).blur == "authors"
+    assert MultiCropAugmentation(**SMALL, patch_augment_p=1.0, patch_size=8).patch_photometric.blur == "authors"
+    for function in (da.patch_photometric, da.random_tile_photometric):
+        assert inspect.signature(function).parameters["blur"].default == "authors"
+
+
 def test_descriptions_say_where_they_run():
-    assert "patch photometrics p=1.0 on 8px tiles here" in repr(
+    assert "patch photometrics p=1.0 on 8px tiles here (authors blur)" in repr(
         MultiCropAugmentation(**SMALL, patch_augment_p=1.0, patch_size=8))
+    assert "patch_blur='isotropic'" in repr(da.DevicePhotometric(2, patch_augment_p=1.0, patch_blur="isotropic"))
+    assert "blur='authors'" in repr(PatchPhotometric(8))
     assert "on 8px tiles on the device" in repr(
         MultiCropAugmentation(**SMALL, photometric=False, patch_augment_p=1.0, patch_size=8))
     assert "patch" not in repr(MultiCropAugmentation(**SMALL))

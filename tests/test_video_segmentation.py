@@ -374,3 +374,125 @@ def test_a_first_mask_without_objects_and_colour_masks_are_refused(tmp_path):
 def test_bad_arguments_are_named(extra, error, message, tmp_path):
     with pytest.raises(error, match=message):
         ev.main(parse("--random_init", "--data_path", str(tmp_path), *extra))
+
+
+# ----------------------------------------------------------------------------------------------
+# Void pixels (255): davis2017-evaluation's semi-supervised rule (background) against --void ignore.
+# ----------------------------------------------------------------------------------------------
+def reference_boundary(mask: np.ndarray) -> np.ndarray:
+    """davis2017-evaluation's ``_seg2bmap``, pixel by pixel: on the boundary where the right, lower or lower-right
+    neighbour differs; the last row looks right only, the last column down only, the bottom-right pixel never is."""
+    height, width = mask.shape
+    boundary = np.zeros_like(mask, dtype=bool)
+    for y in range(height):
+        for x in range(width):
+            if y == height - 1 and x == width - 1:
+                continue
+            if y == height - 1:
+                neighbours = [(y, x + 1)]
+            elif x == width - 1:
+                neighbours = [(y + 1, x)]
+            else:
+                neighbours = [(y, x + 1), (y + 1, x), (y + 1, x + 1)]
+            boundary[y, x] = any(mask[y, x] != mask[point] for point in neighbours)
+    return boundary
+
+
+def reference_j(annotation: np.ndarray, segmentation: np.ndarray, void: np.ndarray | None = None) -> float:
+    """davis2017-evaluation's ``db_eval_iou``: IoU outside ``void`` (none by default); 1 when the union is empty."""
+    keep = np.ones_like(annotation) if void is None else ~void
+    union = np.sum((annotation | segmentation) & keep)
+    return 1.0 if union == 0 else np.sum(annotation & segmentation & keep) / union
+
+
+def reference_f(annotation: np.ndarray, segmentation: np.ndarray, void: np.ndarray | None = None,
+                bound_th: float = 0.008) -> float:
+    """davis2017-evaluation's ``f_measure``: boundary pixels of one mask match when a boundary pixel of the other
+    lies within ``ceil(bound_th * diagonal)`` (``bound_th`` px from 1 on; Euclidean, the disk); F = 2PR / (P + R),
+    with its conventions for empty boundaries."""
+    keep = np.ones_like(annotation) if void is None else ~void
+    radius = bound_th if bound_th >= 1 else np.ceil(bound_th * np.linalg.norm(annotation.shape))
+    predicted = np.argwhere(reference_boundary(segmentation & keep))
+    true = np.argwhere(reference_boundary(annotation & keep))
+    if len(predicted) == 0 or len(true) == 0:
+        precision, recall = (1.0 if len(predicted) == 0 else 0.0), (1.0 if len(true) == 0 else 0.0)
+    else:
+        close = np.linalg.norm(predicted[:, None, :] - true[None, :, :], axis=-1) <= radius
+        precision, recall = close.any(axis=1).mean(), close.any(axis=0).mean()
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def void_band_frame() -> tuple[np.ndarray, np.ndarray]:
+    """``(truth, prediction)`` uint8 ``[12, 12]`` (tolerance ceil(0.008 * 17) = 1 px): object 1 at rows 2-5,
+    columns 2-7 (24 px), a void band at rows 6-7 across the frame; object 2 at rows 9-10, columns 1-3, far from
+    it. The prediction reaches rows 2-7 at columns 2-6: 20 of its 30 object-1 pixels are true, 10 lie on void."""
+    truth = np.zeros((12, 12), dtype=np.uint8)
+    truth[2:6, 2:8], truth[6:8, :], truth[9:11, 1:4] = 1, ev.VOID_LABEL, 2
+    prediction = np.zeros_like(truth)
+    prediction[2:8, 2:7], prediction[9:11, 1:4] = 1, 2
+    return truth, prediction
+
+
+def test_void_counts_as_background_by_default_as_in_davis2017_evaluation():
+    truth, prediction = void_band_frame()
+    background = ev.score_frame(truth, prediction, [1, 2], 0.008, "background")
+    ignore = ev.score_frame(truth, prediction, [1, 2], 0.008, "ignore")
+    # Official: the annotation maps 255 to 0 and no void mask is passed; J = 20 / (24 + 10) for object 1.
+    official = np.where(truth == ev.VOID_LABEL, 0, truth)
+    assert background[1][0] == pytest.approx(20 / 34) == pytest.approx(reference_j(official == 1, prediction == 1))
+    assert background[1][1] == pytest.approx(reference_f(official == 1, prediction == 1))
+    # Ignore: the band is left out of both masks; J = 20 / 24.
+    void = truth == ev.VOID_LABEL
+    assert ignore[1][0] == pytest.approx(20 / 24) == pytest.approx(reference_j(truth == 1, prediction == 1, void))
+    assert ignore[1][1] == pytest.approx(reference_f(truth == 1, prediction == 1, void))
+    assert background[1][0] < ignore[1][0] and background[1][1] < ignore[1][1]
+    assert background[2] == ignore[2] == (1.0, 1.0)  # an object away from the band is scored alike
+
+
+def test_without_void_both_rules_agree():
+    truth, prediction = void_band_frame()
+    truth[truth == ev.VOID_LABEL] = 0
+    background = ev.score_frame(truth, prediction, [1, 2], 0.008, "background")
+    assert background == ev.score_frame(truth, prediction, [1, 2], 0.008, "ignore")
+    assert background[1][0] == pytest.approx(reference_j(truth == 1, prediction == 1))
+    assert background[1][1] == pytest.approx(reference_f(truth == 1, prediction == 1))
+    with pytest.raises(ValueError, match=r"void_rule must be one of"):
+        ev.score_frame(truth, prediction, [1], 0.008, "drop")
+
+
+def test_the_reference_f_agrees_with_the_hand_values():
+    square = block((8, 8), (1, 3), (1, 3))
+    assert reference_f(square, square | block((8, 8), (5, 7), (5, 7))) == pytest.approx(2 * 0.5 / 1.5)
+    assert reference_f(square, block((8, 8), (1, 3), (2, 4))) == 1.0
+    assert np.array_equal(reference_boundary(square), ev.boundary_map(square))
+
+
+def test_void_defaults_to_background_and_refuses_other_values(capsys):
+    assert parse().void == "background"
+    assert parse("--void", "ignore").void == "ignore"
+    with pytest.raises(SystemExit):
+        parse("--void", "drop")
+    assert "invalid choice: 'drop'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule", ["background", "ignore"])
+def test_the_script_scores_void_by_its_rule_and_records_it(rule, tmp_path):
+    data = write_davis(tmp_path / "davis")
+    masks = data / "Annotations" / "480p" / "square"
+    for index in (1, 2, 3):  # a void band across the object's middle in the scored frames
+        truth = np.array(Image.open(masks / f"{index:05d}.png"))
+        truth[28:36, :] = ev.VOID_LABEL
+        utils.write_indexed_png(masks / f"{index:05d}.png", truth)
+    output = tmp_path / "out"
+    args = ("--random_init", "--data_path", str(data), "--output_dir", str(output))
+    result = ev.main(parse(*args) if rule == "background" else parse(*args, "--void", rule))
+    assert result["void"] == rule == json.loads((output / "results.json").read_text())["void"]
+    scores = {name: [] for name in ev.VOID_RULES}
+    for index in (1, 2, 3):
+        truth, predicted = (np.array(Image.open(folder / f"{index:05d}.png")) for folder in (masks, output / "square"))
+        for name in ev.VOID_RULES:
+            scores[name].append(ev.score_frame(truth, predicted, [1], 0.008, name)[1])
+    j_values, f_values = zip(*scores[rule])
+    assert result["J_mean"] == pytest.approx(np.mean(j_values))
+    assert result["F_mean"] == pytest.approx(np.mean(f_values))
+    assert scores["background"] != scores["ignore"]
