@@ -87,7 +87,7 @@ compare-ablation: compare
 
 compare-more: compare
 	test -d compare_more || cp -r $(COMPARE) compare_more
-	$(COMPARE_RUN) --output_dir compare_more --extend --variant "cls0.5=--cls_weight 0.5" --variant "centre=--matching centre"
+	$(COMPARE_RUN) --output_dir compare_more --extend --variant "cls05=--cls_weight 0.5" --variant "centre=--matching centre"
 	$(COMPARE_RUN) --output_dir compare_10ep --train_args "$(RECIPE) --epochs 10"
 	$(COMPARE_RUN) --output_dir compare_p4 --train_args "$(RECIPE) --patch_size 4"
 

@@ -2,7 +2,7 @@
 
     python compare.py --data_path data/fmnist --output_dir compare_output --seeds 3 \\
         --train_args "--arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 ..."
-    python compare.py ... --variant "centre=--matching centre" --variant "cls0.5=--cls_weight 0.5"
+    python compare.py ... --variant "centre=--matching centre" --variant "cls05=--cls_weight 0.5"
 
 Every method trains with the same ``--train_args`` on ``<data_path>/train`` for seeds ``0 .. --seeds - 1``:
 ``dino`` adds ``--patch_loss false`` (DINO's objective, the baseline), ``pwself`` adds ``--patch_loss true``,
@@ -17,10 +17,14 @@ instead of training (e.g. models trained on one dataset, evaluated on another). 
 metric, and each method's paired difference to ``dino`` seed by seed.
 
 Outputs in ``--output_dir``: ``compare_args.json`` (the settings: a rerun with other ones is refused),
-``<method>/seed<k>/`` (``train/``, ``linear/``, one JSON per evaluation and a log per step),
-``random/``, ``comparison.md``, ``comparison.json`` and ``comparison.png``. Rerunning the same
-command reuses every finished run and evaluation; a killed comparison continues where it stopped
-(training resumes from its last checkpoint).
+``<method>/seed<k>/`` (``train/``, ``linear/``, one JSON per step -- its result, the command it ran and its
+arguments -- and a log per step), ``random/``, ``comparison.md``, ``comparison.json`` and ``comparison.png``.
+Rerunning the same command reuses every finished run and evaluation whose recorded arguments are this
+comparison's (a result recorded with other ones is refused, named; an unreadable one is redone); a killed
+comparison continues where it stopped (training resumes from its last checkpoint). One comparison at a time
+works in a folder (``utils.folder_lock``). Correspondence figures are only comparable on one patch grid: a
+method measured on another (a ``--patch_size`` variant) gets its own grid's chance and position-only rows,
+and no paired correspondence difference to ``dino``.
 
 Tune on ``--eval_split holdout`` (``prepare_data.py --holdout N``), then report on ``val``.
 """
@@ -51,6 +55,13 @@ BASE_METHODS = {"dino": ["--patch_loss", "false"], "pwself": ["--patch_loss", "t
 RANDOM = "random"
 # Arguments that may differ between a comparison and its rerun: they do not change any result.
 FREE_ARGS = ("output_dir", "num_workers", "device", "extend", "debug")
+# A variant's name is its folder in --output_dir: no separators or dot-segments that would lead out of it.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Evaluation arguments that do not change a result: where the comparison folder lies (it may be copied or
+# moved), the device and the loaders. A recorded step must match in every other argument it recorded.
+EVAL_FREE_ARGS = ("output_dir", "pretrained_weights", "device", "num_workers")
+# Training arguments a reused run must match: those its own resume check holds to, and the training images.
+TRAIN_CHECKED_ARGS = patch_wise_dino.RESUME_CRITICAL_ARGS + ("data_path",)
 
 
 @dataclass(frozen=True)
@@ -85,8 +96,10 @@ METRICS = (
     Metric("seg_retrieval", "seg. retrieval mIoU", "segmentation",
            lambda result: result.get("retrieval", {}).get("mIoU")),
 )
-# Rows of the predictors that see no pixels (eval_correspondence.FLOORS): what a patch-level gain must clear.
-FLOOR_ROWS = {"same_cell": "position only: same cell", "flip_aware": "position only: flip-aware cell"}
+# Rows of a uniform guess and of the predictors that see no pixels (eval_correspondence.FLOORS): what a
+# patch-level gain must clear. They depend on the patch grid a correspondence was measured on.
+FLOOR_ROWS = {"chance": "chance (uniform guess)", "same_cell": "position only: same cell",
+              "flip_aware": "position only: flip-aware cell"}
 SCRIPTS = {"knn": eval_knn, "linear": eval_linear, "correspondence": eval_correspondence,
            "segmentation": eval_segmentation}
 
@@ -108,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "'centre=--matching centre' or 'p4=--patch_size 4'. Repeat for several.")
     parser.add_argument("--eval_split", default="val", type=str,
                         help="Folder under --data_path the evaluations report on: val, or holdout while "
-                             "choosing settings (never choose them on the split you report).")
+                             "choosing settings (never choose them on the split you report); train is refused.")
     parser.add_argument("--knn_k", default=20, type=int, help="Neighbours of the k-NN classifier.")
     parser.add_argument("--linear_epochs", default=10, type=int, help="Epochs of the short linear probe.")
     parser.add_argument("--linear_lr", default=0.01, type=float,
@@ -152,6 +165,7 @@ class Run:
     folder: Path
     train: argparse.Namespace | None
     checkpoint: Path | None = None  # set when the run was trained elsewhere (--trained_in)
+    train_argv: list[str] | None = None  # patch_wise_dino.py's command line, when the run trains here
 
     @property
     def label(self) -> str:
@@ -172,20 +186,25 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
     for spec in specs:
         name, separator, extra = spec.partition("=")
         name = name.strip()
-        if not separator or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-            raise ValueError(f"--variant {spec!r}: write NAME=ARGS with a name of letters, digits, '_.+-' "
-                             "(e.g. 'centre=--matching centre')")
+        if not separator or not VARIANT_NAME.fullmatch(name):
+            raise ValueError(f"--variant {spec!r}: write NAME=ARGS with a NAME of letters, digits, '_' and '-' "
+                             "only (it names the variant's folder in --output_dir, so no '/', '.' or '..'), "
+                             "e.g. 'centre=--matching centre' or 'cls05=--cls_weight 0.5'")
         if name in methods or name == RANDOM:
             raise ValueError(f"--variant name {name!r} is taken; choose another")
         methods[name] = BASE_METHODS["pwself"] + shlex.split(extra)
     return methods
 
 
-def training_args(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> argparse.Namespace:
-    """The arguments of one training run, validated by the training script itself."""
-    argv = shlex.split(args.train_args) + extra + [
+def training_argv(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> list[str]:
+    """patch_wise_dino.py's command line for one training run in ``folder``."""
+    return shlex.split(args.train_args) + extra + [
         "--data_path", str(args.data_path / "train"), "--output_dir", str(folder / "train"), "--seed", str(seed),
         "--device", args.device, "--num_workers", str(args.num_workers)]
+
+
+def training_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments of one training run, validated by the training script itself."""
     try:
         train = patch_wise_dino.get_args_parser().parse_args(argv)
     except SystemExit as error:
@@ -204,7 +223,8 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
         for method, extra in parse_variants(args.variant).items():
             for seed in range(args.seeds):
                 folder = args.output_dir / method / f"seed{seed}"
-                runs.append(Run(method, seed, folder, training_args(args, extra, seed, folder)))
+                argv = training_argv(args, extra, seed, folder)
+                runs.append(Run(method, seed, folder, training_args(argv), train_argv=argv))
     return [Run(RANDOM, None, args.output_dir / RANDOM, runs[0].train)] + runs
 
 
@@ -216,7 +236,7 @@ def trained_runs(args: argparse.Namespace) -> list[Run]:
     if not settings_path.is_file():
         raise FileNotFoundError(f"--trained_in {source}: no compare_args.json there; name the --output_dir of a "
                                 "compare.py run")
-    settings = json.loads(settings_path.read_text())
+    settings = load_json(settings_path)
     if args.seeds > settings["seeds"]:
         raise ValueError(f"--seeds {args.seeds}: the comparison in {source} has {settings['seeds']} seed(s)")
     runs = []
@@ -227,7 +247,7 @@ def trained_runs(args: argparse.Namespace) -> list[Run]:
                 raise FileNotFoundError(f"{method} seed {seed} in {source} has not finished training ("
                                         f"{train_dir.parent / 'train.json'} is missing): finish that comparison "
                                         "first by rerunning its command")
-            train = argparse.Namespace(**json.loads((train_dir / "args.json").read_text()))
+            train = argparse.Namespace(**load_json(train_dir / "args.json"))
             runs.append(Run(method, seed, args.output_dir / method / f"seed{seed}", train,
                             train_dir / "checkpoint.pth"))
     return runs
@@ -246,6 +266,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.trained_in is not None and (args.train_args or args.variant):
         raise ValueError(f"--trained_in {args.trained_in} evaluates that comparison's models with their own "
                          "training arguments and methods: leave out --train_args and --variant")
+    if (args.data_path / args.eval_split).resolve() == (args.data_path / "train").resolve():
+        raise ValueError(f"--eval_split {args.eval_split} is the training split: the models were trained and "
+                         "k-NN and the linear probe are fit on it, so scoring on it measures memory, not features. "
+                         "Use --eval_split val to report, or holdout (prepare_data.py --holdout N) while choosing "
+                         "settings.")
+    utils.check_output_dir(args.output_dir, "--output_dir")
     for split in ("train", args.eval_split):
         folder = args.data_path / split
         if not folder.is_dir():
@@ -262,21 +288,42 @@ def recorded_settings(args: argparse.Namespace) -> dict:
             for name, value in sorted(vars(args).items()) if name not in FREE_ARGS}
 
 
-def check_or_record_settings(args: argparse.Namespace) -> None:
-    """Write ``compare_args.json`` in a new folder; in an existing one, refuse other settings (listing them)."""
+def check_settings(args: argparse.Namespace) -> None:
+    """In a folder holding a comparison, refuse other settings (listing them); refuse a folder holding
+    anything else. Nothing is written."""
     path = args.output_dir / "compare_args.json"
-    settings = recorded_settings(args)
     if path.is_file():
-        differences = settings_differences(json.loads(path.read_text()), settings, args.extend)
+        try:
+            before = load_json(path)
+        except ValueError as error:
+            raise ValueError(f"{error} It records the settings of the comparison in {args.output_dir}, so a rerun "
+                             "cannot check its runs: restore it, or choose another --output_dir.") from None
+        differences = settings_differences(before, recorded_settings(args), args.extend)
         if differences:
             raise ValueError(f"{args.output_dir} holds a comparison made with other arguments; nothing was "
                              "changed. Use another --output_dir, or the earlier arguments (--extend only adds "
                              "variants and seeds):\n  " + "\n  ".join(differences))
-    elif args.output_dir.exists() and any(args.output_dir.iterdir()):
+    elif args.output_dir.exists() and any(item.name != utils.LOCK_NAME for item in args.output_dir.iterdir()):
         raise FileExistsError(f"{args.output_dir} is not empty and holds no compare_args.json: choose a new "
                               "--output_dir (nothing was changed)")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    utils.write_text_atomic(json.dumps(settings, indent=2) + "\n", path)
+
+
+def record_settings(args: argparse.Namespace) -> None:
+    utils.write_text_atomic(json.dumps(recorded_settings(args), indent=2) + "\n", args.output_dir / "compare_args.json")
+
+
+def load_json(path: Path) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it holds none (empty, cut short)."""
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        raise ValueError(f"{path} is empty (cut short by a kill?).")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}; cut short by a kill?).") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds no JSON object.")
+    return value
 
 
 def settings_differences(before: dict, now: dict, extend: bool) -> list[str]:
@@ -349,8 +396,9 @@ def evaluation_argv(args: argparse.Namespace, run: Run, evaluation: str) -> list
                      "--seed", str(run.seed or 0), "--output_dir", str(run.folder / "linear")]
 
 
-def evaluation_args(args: argparse.Namespace, run: Run, evaluation: str) -> tuple[object, argparse.Namespace]:
-    """The evaluation script's module and its parsed, validated arguments for ``run``."""
+def evaluation_args(args: argparse.Namespace, run: Run,
+                    evaluation: str) -> tuple[object, list[str], argparse.Namespace]:
+    """The evaluation script's module, its command line and its parsed, validated arguments for ``run``."""
     script = SCRIPTS[evaluation]
     argv = evaluation_argv(args, run, evaluation)
     try:
@@ -358,44 +406,121 @@ def evaluation_args(args: argparse.Namespace, run: Run, evaluation: str) -> tupl
     except SystemExit as error:
         raise ValueError(f"eval_{evaluation}.py refuses the arguments {shlex.join(argv)} (see above)") from error
     script.validate_args(parsed)
-    return script, parsed
+    return script, argv, parsed
 
 
-def check_evaluations(args: argparse.Namespace, runs: list[Run]) -> None:
-    """Every evaluation's arguments, for each method's model, pass the script's own checks (before any step)."""
-    for run in runs:
-        if run.seed in (None, 0):
-            for evaluation in evaluations_of(args):
-                evaluation_args(args, run, evaluation)
+@dataclass
+class Step:
+    """One step of a run. Its result goes to ``<run>/<name>.json`` with ``command`` and ``arguments`` (all
+    parsed values, JSON-ready), which a rerun checks before reusing the result."""
+
+    run: Run
+    name: str
+    command: str
+    arguments: dict
+    action: Callable[[], dict]
+
+    @property
+    def result_path(self) -> Path:
+        return self.run.folder / f"{self.name}.json"
 
 
-def run_evaluation(args: argparse.Namespace, run: Run, evaluation: str) -> dict:
-    """Run one evaluation in this process; returns its result as a JSON-ready dict."""
-    script, parsed = evaluation_args(args, run, evaluation)
-    result = script.main(parsed)
-    if evaluation == "knn":
-        return {"results": {str(k): value for k, value in result.items()}}
-    return result
+def json_ready(args: argparse.Namespace) -> dict:
+    """``vars(args)`` as JSON reads it back (paths as strings, tuples as lists), so that records compare equal."""
+    return json.loads(json.dumps(vars(args), default=str))
 
 
-def run_training(run: Run) -> dict:
-    trainer = patch_wise_dino.main(run.train)
-    del trainer  # frees the model before the evaluations
-    return {"epochs": run.train.epochs}
+def training_step(run: Run) -> Step:
+    def train() -> dict:
+        trainer = patch_wise_dino.main(run.train)
+        del trainer  # frees the model before the evaluations
+        return {"epochs": run.train.epochs}
+
+    return Step(run, "train", "patch_wise_dino.py " + shlex.join(run.train_argv), json_ready(run.train), train)
 
 
-def steps_of(args: argparse.Namespace, run: Run) -> list[tuple[str, Callable[[], dict]]]:
-    """``(name, action)`` of every step of ``run``; a step's result goes to ``<run>/<name>.json``."""
-    steps = [("train", lambda: run_training(run))] if run.trains_here else []
-    return steps + [(evaluation, lambda evaluation=evaluation: run_evaluation(args, run, evaluation))
-                    for evaluation in evaluations_of(args)]
+def evaluation_step(args: argparse.Namespace, run: Run, evaluation: str) -> Step:
+    """The evaluation as a step; its arguments are parsed and checked now, before any step runs."""
+    script, argv, parsed = evaluation_args(args, run, evaluation)
+    arguments = json_ready(parsed)  # taken before the script's main may touch ``parsed``
+
+    def evaluate() -> dict:
+        result = script.main(parsed)
+        return {"results": {str(k): value for k, value in result.items()}} if evaluation == "knn" else result
+
+    return Step(run, evaluation, f"eval_{evaluation}.py {shlex.join(argv)}", arguments, evaluate)
 
 
-def execute_step(run: Run, name: str, action: Callable[[], dict], counter: str) -> None:
-    """Run a step with its output in ``<run>/<name>.log``, unless ``<run>/<name>.json`` says it is done."""
-    result_path = run.folder / f"{name}.json"
-    if result_path.is_file():
-        print(f"{counter} {run.label}: {name} done before, reused ({result_path})", flush=True)
+def steps_of(args: argparse.Namespace, run: Run) -> list[Step]:
+    """Every step of ``run``: its training (when it trains here), then its evaluations."""
+    steps = [training_step(run)] if run.trains_here else []
+    return steps + [evaluation_step(args, run, evaluation) for evaluation in evaluations_of(args)]
+
+
+def reusable_steps(steps: list[Step]) -> set[int]:
+    """Indices of the steps whose recorded result was made with this comparison's arguments: they are reused.
+
+    An unreadable result, one that records no arguments, and the evaluations of a model that trains again are
+    redone (each named). A result recorded with other arguments (a folder shared with another comparison, or
+    defaults changed since) stops the comparison before any step runs, every such step listed with the fix.
+    """
+    reusable, retraining, conflicts = set(), set(), []
+    for index, step in enumerate(steps):
+        recorded = recorded_arguments(step)
+        if step.run.folder in retraining:
+            if recorded is not None:
+                print(f"{step.run.label}: {step.name} is redone, as its model trains again", flush=True)
+        elif recorded is None:
+            if step.name == "train":
+                retraining.add(step.run.folder)
+        elif differences := argument_differences(step, recorded):
+            conflicts.append(f"{step.run.label}, step {step.name} ({step.result_path}):\n    "
+                             + "\n    ".join(differences))
+        else:
+            reusable.add(index)
+    if conflicts:
+        raise ValueError("results in this --output_dir were recorded with other arguments than this comparison "
+                         "gives their steps, so they cannot be reused; nothing was run:\n  " + "\n  ".join(conflicts)
+                         + "\nUse another --output_dir, or remove each run folder named above to redo its run "
+                         "(only the named JSON file to redo just that evaluation).")
+    return reusable
+
+
+def recorded_arguments(step: Step) -> dict | None:
+    """The arguments ``step``'s recorded result was made with; None (named when a file is there) to redo it."""
+    if not step.result_path.is_file():
+        return None
+    try:
+        result = load_json(step.result_path)
+    except (ValueError, OSError) as error:
+        print(f"{step.run.label}: {error} Its {step.name} step is redone.", flush=True)
+        return None
+    if isinstance(result.get("arguments"), dict):
+        return result["arguments"]
+    if step.name == "train" and (step.run.folder / "train" / "args.json").is_file():
+        with contextlib.suppress(ValueError, OSError):  # an older compare.py: the trainer's own record
+            return load_json(step.run.folder / "train" / "args.json")
+    print(f"{step.run.label}: {step.result_path} does not record the arguments it ran with (an older compare.py): "
+          f"its {step.name} step is redone.", flush=True)
+    return None
+
+
+def argument_differences(step: Step, recorded: dict) -> list[str]:
+    """``--name: before X, now Y`` for each checked argument that both ``recorded`` and ``step`` hold and that
+    differs (an argument a record lacks is older than it: skipped, as the trainer's resume check does)."""
+    if step.name == "train":
+        recorded, names = patch_wise_dino.with_former_defaults(recorded), TRAIN_CHECKED_ARGS
+    else:
+        names = [name for name in step.arguments if name not in EVAL_FREE_ARGS]
+    return [f"--{name}: before {recorded[name]!r}, now {step.arguments[name]!r}" for name in names
+            if name in recorded and name in step.arguments and recorded[name] != step.arguments[name]]
+
+
+def execute_step(step: Step, reused: bool, counter: str) -> None:
+    """Run a step with its output in ``<run>/<name>.log``, unless its recorded result is ``reused``."""
+    run, name = step.run, step.name
+    if reused:
+        print(f"{counter} {run.label}: {name} done before, reused ({step.result_path})", flush=True)
         return
     run.folder.mkdir(parents=True, exist_ok=True)
     log_path = run.folder / f"{name}.log"
@@ -403,12 +528,13 @@ def execute_step(run: Run, name: str, action: Callable[[], dict], counter: str) 
     start = time.time()
     try:
         with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            result = action()
+            result = step.action()
     except BaseException:
         print(f" failed; its output is in {log_path}:\n" + tail(log_path), flush=True)
         raise
     seconds = time.time() - start
-    utils.write_text_atomic(json.dumps({"seconds": seconds, **result}, indent=2) + "\n", result_path)
+    record = {"seconds": seconds, **result, "command": step.command, "arguments": step.arguments}
+    utils.write_text_atomic(json.dumps(record, indent=2) + "\n", step.result_path)
     print(f" {format_duration(seconds)}", flush=True)
 
 
@@ -431,7 +557,7 @@ def execution_order(runs: list[Run]) -> list[Run]:
 # ----------------------------------------------------------------------------------------------
 def run_metrics(run: Run, metrics: tuple[Metric, ...]) -> dict[str, float | None]:
     """``{metric key: value}`` of a finished run, read from its evaluation files."""
-    results = {evaluation: json.loads((run.folder / f"{evaluation}.json").read_text())
+    results = {evaluation: load_json(run.folder / f"{evaluation}.json")
                for evaluation in {metric.evaluation for metric in metrics}}
     return {metric.key: metric.read(results[metric.evaluation]) for metric in metrics}
 
@@ -446,33 +572,58 @@ def spread(values: list[float | None]) -> dict:
 
 
 def summarise(runs: list[Run], metrics: tuple[Metric, ...]) -> dict:
-    """``{"runs": {method: {seed: metrics}}, "methods": {method: {metric: spread}}, "vs_dino": ...}``."""
+    """``{"runs": {method: {seed: metrics}}, "methods": {method: {metric: spread}}, "vs_dino": ...,
+    "grids": {method: patch grid}, "floors": {grid: {floor: {metric: value}}}, "metrics": [key, ...]}``."""
     per_run: dict[str, dict[str, dict]] = {}
     for run in runs:
         per_run.setdefault(run.method, {})[str(run.seed)] = run_metrics(run, metrics)
     methods = {method: {metric.key: spread([values[metric.key] for values in seeds.values()]) for metric in metrics}
                for method, seeds in per_run.items()}
-    return {"runs": per_run, "methods": methods, "vs_dino": paired_differences(per_run, metrics),
-            "floors": position_floors(runs, metrics), "metrics": [metric.key for metric in metrics]}
+    grids = method_grids(runs) if any(metric.floor_read for metric in metrics) else {}
+    return {"runs": per_run, "methods": methods, "vs_dino": paired_differences(per_run, metrics, grids),
+            "grids": grids, "floors": position_floors(runs, metrics, grids), "metrics": [m.key for m in metrics]}
 
 
-def position_floors(runs: list[Run], metrics: tuple[Metric, ...]) -> dict[str, dict[str, float | None]]:
-    """``{floor: {metric key: value}}`` of the position-only predictors, read from the random-weights run's
-    correspondence (they see no pixels, so every run of the comparison's grid has the same); ``{}`` without
-    correspondence or in files written before the floors existed."""
+def correspondence_grid(result: dict) -> str:
+    """The patch grids a correspondence result was measured on, ``"4x4"`` or ``"4x4, query 2x2"``: its chance
+    level and position-only floors depend on them (at 2x2 every guess is within one cell)."""
+    settings = result["settings"]
+    reference = settings["size"] // settings["patch_size"]
+    query = (settings.get("query_size") or settings["size"]) // settings["patch_size"]
+    return f"{reference}x{reference}" + ("" if query == reference else f", query {query}x{query}")
+
+
+def method_grids(runs: list[Run]) -> dict[str, str]:
+    """``{method: grid}`` of the correspondence measurements (a method's seeds share their model's grid)."""
+    grids = {}
+    for run in runs:
+        if run.method not in grids:
+            grids[run.method] = correspondence_grid(load_json(run.folder / "correspondence.json"))
+    return grids
+
+
+def position_floors(runs: list[Run], metrics: tuple[Metric, ...], grids: dict[str, str]) -> dict[str, dict]:
+    """``{grid: {floor: {metric key: value}}}`` of chance and the position-only predictors, read from the first
+    run measured on each grid (they see no pixels, so every run on that grid has the same); a floor that files
+    written before it existed lack is left out."""
     floored = [metric for metric in metrics if metric.floor_read is not None]
-    path = next(run for run in runs if run.method == RANDOM).folder / "correspondence.json"
-    if not floored or not path.is_file():
-        return {}
-    result = json.loads(path.read_text())
-    floors = {floor: {metric.key: metric.floor_read(result, floor) for metric in floored} for floor in FLOOR_ROWS}
-    return {floor: values for floor, values in floors.items() if any(v is not None for v in values.values())}
+    floors = {}
+    for run in runs:
+        grid = grids.get(run.method)
+        if grid is None or grid in floors:
+            continue
+        result = load_json(run.folder / "correspondence.json")
+        values = {floor: {metric.key: metric.floor_read(result, floor) for metric in floored} for floor in FLOOR_ROWS}
+        floors[grid] = {floor: row for floor, row in values.items() if any(v is not None for v in row.values())}
+    return floors
 
 
-def paired_differences(per_run: dict[str, dict[str, dict]], metrics: tuple[Metric, ...]) -> dict:
+def paired_differences(per_run: dict[str, dict[str, dict]], metrics: tuple[Metric, ...],
+                       grids: dict[str, str]) -> dict:
     """Each method minus ``dino``, seed by seed: the differences' spread and how many favour the method.
 
-    "Favour" means higher, except for the correspondence error, where lower is better.
+    "Favour" means higher, except for the correspondence error, where lower is better. Correspondence
+    measured on another patch grid than dino's is not paired (``{"other_grid": True}``): chance differs.
     """
     differences = {}
     for method, seeds in per_run.items():
@@ -480,6 +631,9 @@ def paired_differences(per_run: dict[str, dict[str, dict]], metrics: tuple[Metri
             continue
         differences[method] = {}
         for metric in metrics:
+            if metric.floor_read is not None and grids.get(method) != grids.get("dino"):
+                differences[method][metric.key] = {"mean": None, "std": None, "n": 0, "other_grid": True}
+                continue
             pairs = [(values[metric.key], per_run["dino"][seed][metric.key]) for seed, values in seeds.items()
                      if seed in per_run["dino"] and None not in (values[metric.key], per_run["dino"][seed][metric.key])]
             deltas = [ours - baseline for ours, baseline in pairs]
@@ -489,6 +643,8 @@ def paired_differences(per_run: dict[str, dict[str, dict]], metrics: tuple[Metri
 
 
 def format_cell(entry: dict, signed: bool = False) -> str:
+    if entry.get("other_grid"):
+        return "other grid"
     if entry["mean"] is None:
         return "-"
     text = f"{entry['mean']:+.2f}" if signed else f"{entry['mean']:.2f}"
@@ -500,27 +656,50 @@ def format_cell(entry: dict, signed: bool = False) -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    """Mean ± std per method and metric, random weights first, then each method's paired gain over DINO."""
+    """Mean ± std per method and metric, random weights first, then each method's paired gain over DINO.
+
+    Chance and the position-only floors follow the first row measured on their patch grid; when the methods'
+    grids differ, rows name their grid and a note below says which correspondence differences are left out.
+    """
     metrics = summary_metrics(summary)
+    grids, floors = summary.get("grids", {}), dict(summary.get("floors", {}))  # a copy: shown grids are popped
+    several = len(set(grids.values())) > 1
     header = "| method | " + " | ".join(metric.title for metric in metrics) + " |"
     lines = [header, "| --- |" + " ---: |" * len(metrics)]
     for method, values in summary["methods"].items():
+        grid = grids.get(method)
         count = values[metrics[0].key]["n"]
-        name = "random weights" if method == RANDOM else f"{method} ({count} seed{'s' * (count != 1)})"
+        details = ([] if method == RANDOM else [f"{count} seed{'s' * (count != 1)}"]) + (
+            [f"grid {grid}"] if several else [])
+        name = ("random weights" if method == RANDOM else method) + (f" ({', '.join(details)})" if details else "")
         lines.append(f"| {name} | " + " | ".join(format_cell(values[m.key]) for m in metrics) + " |")
-        if method == RANDOM:
-            lines += floor_lines(summary.get("floors", {}), metrics)
+        if grid in floors:
+            lines += floor_lines(floors.pop(grid), metrics, grid if several else None)
     for method, values in summary["vs_dino"].items():
         lines.append(f"| {method} − dino, paired | "
                      + " | ".join(format_cell(values[m.key], signed=True) for m in metrics) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + other_grid_note(summary))
 
 
-def floor_lines(floors: dict[str, dict], metrics: tuple[Metric, ...]) -> list[str]:
-    """Table rows of the position-only floors: their correspondence values, "-" in the other columns."""
+def floor_lines(floors: dict[str, dict], metrics: tuple[Metric, ...], grid: str | None) -> list[str]:
+    """Table rows of chance and the position-only floors (of ``grid``, when named): their correspondence
+    values, "-" in the other columns."""
     cell = lambda value: "-" if value is None else f"{value:.2f}"
-    return [f"| {FLOOR_ROWS[floor]} | " + " | ".join(cell(values.get(m.key)) for m in metrics) + " |"
+    suffix = f", grid {grid}" if grid else ""
+    return [f"| {FLOOR_ROWS[floor]}{suffix} | " + " | ".join(cell(values.get(m.key)) for m in metrics) + " |"
             for floor, values in floors.items()]
+
+
+def other_grid_note(summary: dict) -> list[str]:
+    """A note under the table naming the methods whose correspondence is not paired with dino's (other grid)."""
+    grids = summary.get("grids", {})
+    others = [f"{method} ({grids[method]})" for method in summary["vs_dino"] if grids.get(method) != grids.get("dino")]
+    if not others:
+        return []
+    return ["", f"Correspondence of {', '.join(others)} is measured on another patch grid than dino's "
+                f"({grids.get('dino')}): chance and the position-only floors change with the grid (each grid has its "
+                "own rows above), so those paired differences are left out (\"other grid\"); compare each method "
+                "with its own grid's rows."]
 
 
 def summary_metrics(summary: dict) -> tuple[Metric, ...]:
@@ -552,10 +731,7 @@ def plot(summary: dict, path: Path) -> None:
         if floor is not None:
             axis.axhline(floor, color="grey", linestyle="--", linewidth=1, label="random weights")
             drawn.append(floor)
-        position = summary.get("floors", {}).get("flip_aware", {}).get(metric.key)
-        if position is not None:
-            axis.axhline(position, color="#d95f02", linestyle=":", linewidth=1.2, label="position only (flip-aware)")
-            drawn.append(position)
+        drawn += draw_position_floors(axis, summary, methods, metric.key)
         axis.set_ylim(*value_range(drawn))  # not from zero, so that gaps of a point or two show
         axis.set_xticks(range(len(methods)), methods, rotation=20)
         axis.set_title(metric.title, fontsize=10)
@@ -569,6 +745,23 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def draw_position_floors(axis, summary: dict, methods: list[str], key: str) -> list[float]:
+    """The flip-aware position-only floor of metric ``key``: one dotted line, or a short one over each bar
+    when the methods were measured on different patch grids; returns the values drawn."""
+    grids = summary.get("grids", {})
+    values = [summary.get("floors", {}).get(grids.get(m), {}).get("flip_aware", {}).get(key) for m in methods]
+    present = [(position, value) for position, value in enumerate(values) if value is not None]
+    style = {"color": "#d95f02", "linestyle": ":", "linewidth": 1.2}
+    if len({grids.get(m) for m in methods}) == 1:
+        if present:
+            axis.axhline(present[0][1], label="position only (flip-aware)", **style)
+    else:
+        for index, (position, value) in enumerate(present):
+            axis.hlines(value, position - 0.4, position + 0.4,
+                        label="position only (flip-aware), per grid" if index == 0 else None, **style)
+    return [value for _, value in present]
+
+
 def value_range(values: list[float]) -> tuple[float, float]:
     """Y limits spanning ``values`` (bar tops, error-bar ends, seed dots, the floor) with a margin."""
     low, high = min(values), max(values)
@@ -576,12 +769,12 @@ def value_range(values: list[float]) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-def step_seconds(runs: list[Run]) -> dict[str, float]:
+def step_seconds(steps: list[Step]) -> dict[str, float]:
     """Compute time of the recorded steps, per method and in all (resumed steps count their last try)."""
     totals: dict[str, float] = {}
-    for run in runs:
-        for path in run.folder.glob("*.json"):
-            totals[run.method] = totals.get(run.method, 0.0) + json.loads(path.read_text()).get("seconds", 0.0)
+    for step in steps:
+        seconds = load_json(step.result_path).get("seconds", 0.0)
+        totals[step.run.method] = totals.get(step.run.method, 0.0) + seconds
     totals["all"] = sum(totals.values())
     return totals
 
@@ -593,18 +786,21 @@ def main(args: argparse.Namespace) -> dict:
     """Train and evaluate whatever is not done yet, then write and print the table; returns the summary."""
     validate_args(args)
     runs = plan_runs(args)
-    check_evaluations(args, runs)
-    check_or_record_settings(args)
-    steps = [(run, name, action) for run in execution_order(runs) for name, action in steps_of(args, run)]
-    for index, (run, name, action) in enumerate(steps, 1):
-        execute_step(run, name, action, f"[{index:>{len(str(len(steps)))}}/{len(steps)}]")
-    summary = summarise(runs, metrics_of(evaluations_of(args)))
-    summary["seconds"] = step_seconds(runs)
-    summary["eval_split"] = args.eval_split
-    table = markdown_table(summary)
-    utils.write_text_atomic(table + "\n", args.output_dir / "comparison.md")
-    utils.write_text_atomic(json.dumps(summary, indent=2) + "\n", args.output_dir / "comparison.json")
-    plot(summary, args.output_dir / "comparison.png")
+    steps = [step for run in execution_order(runs) for step in steps_of(args, run)]  # checks every step's args
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    with utils.folder_lock(args.output_dir):  # one comparison per folder, from the checks to the table
+        check_settings(args)
+        reused = reusable_steps(steps)
+        record_settings(args)
+        for index, step in enumerate(steps):
+            execute_step(step, index in reused, f"[{index + 1:>{len(str(len(steps)))}}/{len(steps)}]")
+        summary = summarise(runs, metrics_of(evaluations_of(args)))
+        summary["seconds"] = step_seconds(steps)
+        summary["eval_split"] = args.eval_split
+        table = markdown_table(summary)
+        utils.write_text_atomic(table + "\n", args.output_dir / "comparison.md")
+        utils.write_text_atomic(json.dumps(summary, indent=2) + "\n", args.output_dir / "comparison.json")
+        plot(summary, args.output_dir / "comparison.png")
     print(f"\nOn {args.data_path / args.eval_split}, {args.seeds} seed(s) per method (mean ± std over seeds; "
           f"paired rows: mean ± std of the per-seed differences, (seeds where the method is better)):\n")
     print(table)

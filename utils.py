@@ -8,6 +8,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -350,7 +351,17 @@ def write_indexed_png(path: str | Path, labels: np.ndarray) -> None:
         raise ValueError(f"an indexed PNG holds values 0..255; {path} would need {labels.min()}..{labels.max()}")
     image = Image.fromarray(labels.astype(np.uint8))
     image.putpalette(voc_palette().ravel().tolist())
-    image.save(path)
+    save_image(image, path)
+
+
+def save_image(image: Image.Image, path: str | Path, **options) -> None:
+    """``image.save(path, **options)`` atomically, the format from the extension (``write_atomic``): a failed
+    write leaves no partial file and raises an ``OSError`` naming ``path`` and the free space there."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"cannot tell an image format from the extension of {path}; end it in .png or .jpg")
+    write_atomic(path, lambda handle: image.save(handle, format=image_format, **options))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,6 +639,71 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _is_dead_writers_temporary(name: str) -> bool:
+    """Whether ``name`` is a ``write_atomic`` temporary whose writing process has ended."""
+    match = TEMPORARY_PATTERN.fullmatch(name)
+    if match is None:
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return True  # this process is not writing it now: a temporary of a process that had our pid before
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Stop before any work when ``path`` cannot be written as a file; returns it as a ``Path``.
+
+    Refused: ``path`` is a folder, a part of it is a file (``out.json/x.json``), or its nearest existing folder
+    is read-only or full (a small probe file is written there and removed). The folders it needs are not
+    created here, so a run that stops at a later check leaves nothing behind.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    check_output_dir(path.parent, f"the folder of {what} {path}")
+    return path
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Stop before any work when folder ``path`` cannot be created or written into; returns it as a ``Path``.
+
+    Refused with the path named: ``path`` (or a part of it) is a file, or the nearest existing folder is
+    read-only or has no room for a small probe file (its free space is given). Nothing is created.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {path} cannot be a folder: {existing} is a file. Choose another path, or "
+                                 "move the file away.")
+    _probe_write(existing, f"{what} {path}")
+    return path
+
+
+def _probe_write(folder: Path, what: str) -> None:
+    """Write and remove a 4 KiB hidden file in ``folder``; a failure names ``what``, the folder and its free space."""
+    probe = folder / f".write_probe.tmp.{os.getpid()}"
+    try:
+        with open(probe, "xb") as handle:
+            try:
+                handle.write(bytes(4096))
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                probe.unlink()
+    except OSError as error:
+        raise OSError(f"cannot write {what}: {folder} refuses a 4 KiB test file: {error.strerror or error}"
+                      f"{_free_space(folder)}. Free space or fix the permissions, or choose another path; "
+                      "nothing was computed yet.") from None
+
+
 def _free_space(folder: Path) -> str:
     """`` (N MiB free there)`` for the file system of ``folder``, or nothing when it cannot be read."""
     try:
@@ -636,12 +712,19 @@ def _free_space(folder: Path) -> str:
         return ""
 
 
+# ``write_atomic``'s temporaries: ``.<name>.tmp.<pid>``. Nothing else in a folder is ever taken for one.
+TEMPORARY_PATTERN = re.compile(r"\.(?P<name>.+)\.tmp\.(?P<pid>[0-9]+)")
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete (and report) the temporaries of ``write_atomic`` calls killed mid-write in ``folder``; returns them.
 
-    Only the holder of ``folder``'s ``folder_lock`` may call it: another live process's temporary is in flight.
+    A temporary is a file named ``.<name>.tmp.<pid>`` whose writer (``pid`` on this host) is no longer alive;
+    any other file, a user's ``.notes.tmp.old`` included, is left alone. Only the holder of ``folder``'s
+    ``folder_lock`` may call it.
     """
-    stale = sorted(p for p in Path(folder).glob(".*.tmp.*") if p.is_file())
+    stale = sorted(path for path in Path(folder).glob(".*.tmp.*")
+                   if path.is_file() and _is_dead_writers_temporary(path.name))
     for path in stale:
         path.unlink(missing_ok=True)
         print(f"Removed {path}, left by a process killed while writing it", flush=True)
@@ -737,11 +820,34 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
     """
     path = Path(folder) / LOCK_NAME
     handle = _locked_file(path)
+    _register_fork_hook()
+    _HELD_LOCKS.add(handle)
     try:
         yield path
     finally:
+        _HELD_LOCKS.discard(handle)
         path.unlink(missing_ok=True)  # still locked: a process that opened it before retries on a new file
         handle.close()
+
+
+# Lock files this process holds open. A forked child (a DataLoader worker) inherits their descriptors, and
+# an flock stays held while any copy is open: orphaned workers of a killed run would block its restart for
+# seconds. Children close their copies at once (the parent's lock is unaffected).
+_HELD_LOCKS: set = set()
+_FORK_HOOK_REGISTERED = False
+
+
+def _register_fork_hook() -> None:
+    global _FORK_HOOK_REGISTERED
+    if not _FORK_HOOK_REGISTERED:
+        os.register_at_fork(after_in_child=_close_inherited_locks)
+        _FORK_HOOK_REGISTERED = True
+
+
+def _close_inherited_locks() -> None:
+    for handle in list(_HELD_LOCKS):
+        handle.close()
+    _HELD_LOCKS.clear()
 
 
 def _locked_file(path: Path):

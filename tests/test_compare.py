@@ -1,7 +1,10 @@
 """compare.py end to end on a tiny data set: table, JSON and chart; a killed comparison continues to the
-same table; other arguments in an existing folder and bad input are refused before anything is written."""
+same table; other arguments in an existing folder and bad input are refused before anything is written; a
+busy folder, variant names leading out of it and steps recorded with other arguments are refused; unreadable
+records are redone; correspondence on another patch grid is shown with its own chance rows, unpaired."""
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -95,6 +98,9 @@ def test_killed_comparison_continues_to_the_same_table(finished, dataset, tmp_pa
     deadline = time.time() + 120
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert process.poll() is None  # still training: a second comparison in its folder is refused, naming it
+    with pytest.raises(FileExistsError, match=rf"{output} is in use by another run \(pid {process.pid} on host"):
+        compare.main(parse(*compare_argv(dataset, output)))
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert checkpoint.exists() and not (output / "comparison.md").exists()
@@ -135,6 +141,8 @@ def test_extend_adds_a_variant_and_reuses_the_rest(dataset, tmp_path, capsys):
     (["--variant", "dino=--lr 1"], ValueError, "is taken"),
     (["--train_args", "--global_crops_size 18 --patch_size 4"], ValueError, "not a multiple of --patch_size"),
     (["--eval_split", "holdout"], FileNotFoundError, "prepare_data.py --holdout"),
+    (["--eval_split", "train"], ValueError, "--eval_split train is the training split: .* Use --eval_split val"),
+    (["--eval_split", "./train/"], ValueError, "--eval_split ./train/ is the training split"),
     (["--correspondence_args", "--size 2"], ValueError, "--size 2 is smaller than one patch"),
     (["--correspondence_args", "--query_scale 0.6 0.2"], ValueError, "--query_scale 0.6 0.2 must satisfy"),
 ])
@@ -239,18 +247,153 @@ def test_folders_written_before_the_segmentation_option_are_reused(finished, dat
     assert "train ..." not in capsys.readouterr().out and summary["runs"] == finished[1]["runs"]
 
 
-def test_position_only_floors_are_rows_of_the_table(finished):
+def test_chance_and_position_only_floors_are_rows_of_the_table(finished):
     output, summary = finished
     table = (output / "comparison.md").read_text()
     corr = json.loads((output / "random" / "correspondence.json").read_text())
-    assert set(summary["floors"]) == {"same_cell", "flip_aware"}
+    assert summary["grids"] == dict.fromkeys(("random", "dino", "pwself"), "4x4, query 2x2")  # 16 px / 4, 8 px / 4
+    floors = summary["floors"]["4x4, query 2x2"]
+    assert set(floors) == {"chance", "same_cell", "flip_aware"} and floors["chance"]["corr_accuracy"] == 100 / 16
     for floor, title in compare.FLOOR_ROWS.items():
-        values = summary["floors"][floor]
+        values = floors[floor]
         assert values["corr_within_one"] == corr["all"][f"{floor}_within_one"]
         assert values["corr_textured"] == corr["textured"][f"{floor}_accuracy"]
         row = next(line for line in table.splitlines() if line.startswith(f"| {title} |"))
         assert row.split(" | ")[1:3] == ["-", "-"]  # no k-NN or linear figure for a predictor without features
         assert f"{values['corr_accuracy']:.2f}" in row
     lines = table.splitlines()
-    assert lines.index(next(line for line in lines if line.startswith("| random weights"))) + 1 == \
-        lines.index(next(line for line in lines if line.startswith("| position only: same cell")))
+    first = lines.index(next(line for line in lines if line.startswith("| random weights |")))
+    assert [line.split(" | ")[0] for line in lines[first + 1:first + 4]] == [f"| {title}" for title in
+                                                                             compare.FLOOR_ROWS.values()]
+    assert "grid" not in table  # one grid for all: no grid names, no note
+
+
+# ----------------------------------------------------------------------------------------------
+# Safety: folders that stay inside --output_dir and hold one comparison, steps reused only with their own
+# arguments, unreadable records redone, correspondence compared on one grid only.
+# ----------------------------------------------------------------------------------------------
+def copy_of(finished, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished[0], tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x", "a/b", "cls0.5"])
+def test_variant_names_that_could_leave_the_folder_are_refused(dataset, tmp_path, name):
+    output = tmp_path / "nested" / "out"
+    with pytest.raises(ValueError, match=rf"--variant '{re.escape(name)}=--matching centre': .* NAME of letters, "
+                                         r"digits, '_' and '-' only .*no '/', '\.' or '\.\.'"):
+        compare.main(parse(*compare_argv(dataset, output), "--variant", f"{name}=--matching centre"))
+    assert not (tmp_path / "nested").exists()
+
+
+def test_a_run_recorded_with_other_arguments_is_refused_not_reused(finished, dataset, tmp_path):
+    output = copy_of(finished, tmp_path)
+    import shutil
+
+    shutil.copytree(output / "pwself", output / "centre")  # as a '../' name of another comparison left it
+    settings, files = (output / "compare_args.json").read_text(), sorted(output.rglob("*"))
+    with pytest.raises(ValueError, match=r"centre seed 0, step train \(.*centre/seed0/train.json\):\n    "
+                                         r"--matching: before 'upstream', now 'centre'[\s\S]*centre seed 1, step train"
+                                         r"[\s\S]*Use another --output_dir, or remove each run folder"):
+        compare.main(parse(*compare_argv(dataset, output), "--extend", "--variant", "centre=--matching centre"))
+    assert (output / "compare_args.json").read_text() == settings and sorted(output.rglob("*")) == files
+
+
+def test_an_evaluation_recorded_with_other_arguments_is_refused(finished, dataset, tmp_path):
+    output = copy_of(finished, tmp_path)
+    record = json.loads((output / "dino" / "seed1" / "knn.json").read_text())
+    assert record["command"].startswith("eval_knn.py --arch vit_tiny") and record["arguments"]["nb_knn"] == [3]
+    record["arguments"]["nb_knn"] = [5]  # as a compare.py with other defaults would have recorded it
+    (output / "dino" / "seed1" / "knn.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"dino seed 1, step knn \(.*knn.json\):\n    --nb_knn: before \[5\], "
+                                         r"now \[3\]\n.*only the named JSON file to redo just that evaluation"):
+        compare.main(parse(*compare_argv(dataset, output)))
+
+
+def test_unreadable_step_records_are_named_and_redone(finished, dataset, tmp_path, capsys):
+    output = copy_of(finished, tmp_path)
+    knn, linear, train = (output / "dino" / "seed0" / "knn.json", output / "pwself" / "seed1" / "linear.json",
+                          output / "dino" / "seed1" / "train.json")
+    knn.write_text(knn.read_text()[:40])  # cut short by a kill
+    linear.write_text("")
+    train.write_text("[]")
+    summary = compare.main(parse(*compare_argv(dataset, output)))
+    out = capsys.readouterr().out
+    assert f"dino seed 0: {knn} is not valid JSON (" in out and f"pwself seed 1: {linear} is empty" in out
+    assert f"dino seed 1: {train} holds no JSON object. Its train step is redone." in out
+    assert "dino seed 1: knn is redone, as its model trains again" in out
+    assert summary["runs"] == finished[1]["runs"]  # the training resumed at its end: the same model
+    assert json.loads(knn.read_text())["results"] == json.loads((finished[0] / knn.relative_to(output)).read_text())[
+        "results"]
+
+
+def test_a_comparison_in_a_folder_in_use_is_refused_naming_the_holder(dataset, tmp_path, root):
+    output = tmp_path / "out"
+    output.mkdir()
+    hold = (f"import sys, time\nsys.path.insert(0, {str(root)!r})\nimport utils\n"
+            f"with utils.folder_lock({str(output)!r}):\n    print('locked', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold], env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FileExistsError, match=rf"{output} is in use by another run \(pid {holder.pid} on host"):
+            compare.main(parse(*compare_argv(dataset, output)))
+        assert [path.name for path in output.iterdir()] == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_output_dir_in_the_way_is_refused_before_anything_runs(dataset, tmp_path):
+    in_the_way = tmp_path / "results.md"
+    in_the_way.write_text("mine")
+    for output in (in_the_way, in_the_way / "out"):
+        with pytest.raises(NotADirectoryError, match=rf"--output_dir {output} cannot be a folder: {in_the_way} is a "
+                                                     "file"):
+            compare.main(parse(*compare_argv(dataset, output)))
+    assert [path.name for path in tmp_path.iterdir()] == ["results.md"]
+
+
+def test_read_only_output_dir_is_refused_before_anything_runs(dataset, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(OSError, match=r"cannot write --output_dir .*disk/out: .*Read-only file system"):
+            compare.main(parse(*compare_argv(dataset, disk / "out")))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_variant_on_another_patch_grid_gets_its_own_chance_rows_and_no_paired_correspondence(
+        finished, dataset, tmp_path):
+    output = copy_of(finished, tmp_path)
+    summary = compare.main(parse(*compare_argv(dataset, output), "--extend", "--variant", "p8=--patch_size 8"))
+    assert summary["grids"]["p8"] == "2x2, query 1x1" and summary["grids"]["dino"] == "4x4, query 2x2"
+    assert summary["floors"]["2x2, query 1x1"]["chance"]["corr_within_one"] == 100  # every guess is within one
+    assert summary["vs_dino"]["p8"]["corr_within_one"]["other_grid"] and summary["vs_dino"]["p8"]["knn_top1"]["n"] == 2
+    lines = (output / "comparison.md").read_text().splitlines()
+    p8 = lines.index(next(line for line in lines if line.startswith("| p8 (2 seeds, grid 2x2, query 1x1) |")))
+    assert lines[p8 + 1].startswith("| chance (uniform guess), grid 2x2, query 1x1 | - | - | 25.00 | 100.00 |")
+    assert lines[p8 + 3].startswith("| position only: flip-aware cell, grid 2x2, query 1x1 |")
+    assert any(line.startswith("| chance (uniform guess), grid 4x4, query 2x2 | - | - | 6.25 |") for line in lines)
+    paired = next(line for line in lines if line.startswith("| p8 − dino, paired |")).rstrip(" |").split(" | ")
+    assert paired[3:7] == ["other grid"] * 4 and paired[1].startswith(("+", "-"))  # k-NN is still paired
+    assert "Correspondence of p8 (2x2, query 1x1) is measured on another patch grid than dino's" in lines[-1]
+    assert "other grid" not in next(line for line in lines if line.startswith("| pwself − dino, paired |"))
+
+
+def test_records_of_an_older_compare_py_keep_their_training_and_redo_their_evaluations(finished, dataset, tmp_path,
+                                                                                      capsys):
+    output = copy_of(finished, tmp_path)
+    for path in output.glob("*/seed*/*.json"):  # written before steps recorded their arguments
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in record.items() if k not in ("command", "arguments")}))
+    summary = compare.main(parse(*compare_argv(dataset, output)))
+    out = capsys.readouterr().out
+    assert "train ..." not in out and "dino seed 1: train done before, reused" in out  # checked on train/args.json
+    assert f"{output / 'dino' / 'seed1' / 'knn.json'} does not record the arguments it ran with" in out
+    assert summary["runs"] == finished[1]["runs"]
+    assert "arguments" in json.loads((output / "dino" / "seed1" / "knn.json").read_text())

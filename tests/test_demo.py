@@ -64,7 +64,8 @@ def test_make_compare_targets_prepare_a_holdout_and_pass_valid_recipes(root, tmp
     argv = shlex.split(steps[-1])[2:]
     (tmp_path / "train").mkdir()
     args = compare.get_args_parser().parse_args(argv + ["--data_path", str(tmp_path)])
-    train = compare.training_args(args, [], 0, tmp_path / "run")  # the recipe passes the training script's checks
+    # the recipe passes the training script's checks
+    train = compare.training_args(compare.training_argv(args, [], 0, tmp_path / "run"))
     assert train.patch_size in (4, 8) and train.global_crops_size == 32
 
 
@@ -84,6 +85,7 @@ def test_make_compare_ablation_extends_the_comparison_with_valid_variants(root, 
     args = compare.get_args_parser().parse_args(argv + ["--data_path", str(tmp_path)])
     variants = compare.parse_variants(args.variant)
     assert list(variants) == ["dino", "pwself", "patch_augment", "separate_head"]
-    trains = {name: compare.training_args(args, extra, 0, tmp_path / name) for name, extra in variants.items()}
+    trains = {name: compare.training_args(compare.training_argv(args, extra, 0, tmp_path / name))
+              for name, extra in variants.items()}
     assert trains["patch_augment"].patch_augment and trains["patch_augment"].patch_head == "shared"
     assert trains["separate_head"].patch_head == "separate" and not trains["separate_head"].patch_augment

@@ -2,6 +2,9 @@
 import argparse
 import math
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -103,12 +106,81 @@ def test_save_atomic_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch)
 def test_atomic_text_and_stale_temporaries(tmp_path):
     utils.write_text_atomic("one\n", tmp_path / "log.txt")
     assert (tmp_path / "log.txt").read_text() == "one\n"
-    (tmp_path / ".checkpoint.pth.tmp.123").write_bytes(b"half")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".checkpoint.pth.tmp.{int(dead.stdout)}").write_bytes(b"half")
     (tmp_path / ".hidden").write_text("not ours")
-    assert [p.name for p in utils.remove_stale_temporaries(tmp_path)] == [".checkpoint.pth.tmp.123"]
+    assert [p.name for p in utils.remove_stale_temporaries(tmp_path)] == [f".checkpoint.pth.tmp.{int(dead.stdout)}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "log.txt"]
     with pytest.raises(FileNotFoundError, match="checkpoint file .*nothing.pth does not exist"):
         utils.load_checkpoint(tmp_path / "nothing.pth")
+
+
+def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
+    user_files = [".notes.tmp.old", ".draft.tmp.", ".a.tmp.12x", "b.tmp.7"]
+    for name in user_files:
+        (tmp_path / name).write_text("a user's file")
+    (tmp_path / f".checkpoint.pth.tmp.{os.getppid()}").write_bytes(b"a live process is writing it")
+    assert utils.remove_stale_temporaries(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(user_files + [f".checkpoint.pth.tmp.{os.getppid()}"])
+
+
+def test_output_checks_refuse_files_in_the_way_and_create_nothing(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(NotADirectoryError, match=r"output folder .*results.json/run cannot be a folder: "
+                                                 r".*results.json is a file"):
+        utils.check_output_dir(tmp_path / "results.json" / "run")
+    with pytest.raises(NotADirectoryError, match=r"the folder of --output_json .*results.json/k.json .*is a file"):
+        utils.check_output_file(tmp_path / "results.json" / "k.json", "--output_json")
+    with pytest.raises(IsADirectoryError, match=r"--output_json .* is a folder; give a file name"):
+        utils.check_output_file(tmp_path, "--output_json")
+    assert utils.check_output_file(tmp_path / "new" / "deeper" / "k.json") == tmp_path / "new" / "deeper" / "k.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # nothing created, no probe left
+
+
+@pytest.mark.parametrize("options, reason", [("ro,size=64k", "Read-only file system"),
+                                             ("size=16k", "No space left on device")])
+def test_output_checks_refuse_read_only_and_full_file_systems(tmp_path, options, reason):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        if "ro" not in options.split(","):
+            (disk / "filler").write_bytes(bytes(16 * 1024))
+        with pytest.raises(OSError, match=rf"cannot write output folder .*disk/run: .*disk refuses a 4 KiB test "
+                                          rf"file: {reason} \(0\.\d MiB free there\)\. .*nothing was computed yet"):
+            utils.check_output_dir(disk / "run")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_dataloader_workers_of_a_killed_run_do_not_hold_its_folder_lock(tmp_path):
+    """kill -9 of a run whose DataLoader workers live on: its restart takes the folder at once."""
+    run = f"""
+import sys, time, torch
+sys.path.insert(0, {str(utils.PROJECT_DIR)!r})
+import utils
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+    def __getitem__(self, index):
+        time.sleep(60)  # the workers are busy, and outlive their parent by far
+        return index
+
+with utils.folder_lock({str(tmp_path)!r}):
+    loader = iter(torch.utils.data.DataLoader(Slow(), num_workers=2, multiprocessing_context="fork"))
+    print("workers started", flush=True)
+    next(loader)
+"""
+    process = subprocess.Popen([sys.executable, "-c", run], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "workers started"
+    time.sleep(1)  # the workers have forked by now
+    process.kill()
+    process.wait()
+    with utils.folder_lock(tmp_path):  # refused on the old code: the orphaned workers held the lock
+        pass
 
 
 def test_read_rgb_image_converts_every_mode_and_names_bad_files(tmp_path):
