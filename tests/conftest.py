@@ -1,5 +1,7 @@
 """Shared test set-up: offline, few threads, the project root importable, small fixtures."""
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,20 @@ TINY_ARGS = ["--arch", "vit_tiny", "--patch_size", "4", "--embed_dim", "32", "--
              "--batch_size_per_gpu", "4", "--warmup_epochs", "1", "--num_workers", "0", "--print_freq", "5",
              "--device", "cpu"]
 TINY_BACKBONE_ARGS = TINY_ARGS[:10]
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, options: str):
+    """A real tmpfs mounted on ``folder`` (created) with mount ``options`` (``size=16k``, ``ro,size=64k``) for
+    the block; the test is skipped where mounting is not allowed."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 def write_images(folder: Path, classes=("a", "b"), per_class=6, size=(40, 32), seed=0) -> Path:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import compare
-from conftest import TINY_ARGS, write_images
+from conftest import TINY_ARGS, small_tmpfs, write_images
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
 
@@ -355,16 +355,9 @@ def test_output_dir_in_the_way_is_refused_before_anything_runs(dataset, tmp_path
 
 
 def test_read_only_output_dir_is_refused_before_anything_runs(dataset, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "ro,size=64k") as disk:
         with pytest.raises(OSError, match=r"cannot write --output_dir .*disk/out: .*Read-only file system"):
             compare.main(parse(*compare_argv(dataset, disk / "out")))
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_variant_on_another_patch_grid_gets_its_own_chance_rows_and_no_paired_correspondence(

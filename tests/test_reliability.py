@@ -20,7 +20,7 @@ import eval_linear
 import patch_wise_dino
 import utils
 import vision_transformer as vits
-from conftest import TINY_ARGS, TINY_BACKBONE_ARGS, write_images
+from conftest import TINY_ARGS, TINY_BACKBONE_ARGS, small_tmpfs, write_images
 from patch_wise_dino import get_args_parser, main
 
 RUN = ["--epochs", "2", "--save_every_iters", "1", "--depth", "2"]  # 3 iterations per epoch; depth 2 has drop-path
@@ -192,20 +192,13 @@ def test_non_finite_weights_are_never_saved(reference, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 def test_full_disk_on_a_real_file_system_keeps_the_previous_checkpoint(reference, tmp_path):
     data, _, _ = reference
-    disk = tmp_path / "disk"
-    disk.mkdir()
     # 768 KiB hold the first checkpoint (~340 KB, no optimizer state yet) but not a second one (~670 KB) beside it.
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "size=768k") as disk:
         with pytest.raises(OSError, match=r"could not write .*checkpoint.pth: .*\. The previous checkpoint.pth "
                                           r"\(if any\) is intact; free disk space \(0\.\d MiB free there\)"):
             main(parse(data, disk / "run", *RUN))
         assert next_step(disk / "run" / "checkpoint.pth") == (0, 0)  # the first one, whole
         assert sorted(p.name for p in (disk / "run").iterdir()) == ["args.json", "checkpoint.pth"]  # no temporary
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_folder_lock_names_its_holder_and_goes_away(tmp_path):

@@ -13,6 +13,7 @@ import torch.nn as nn
 from PIL import Image
 
 import utils
+from conftest import small_tmpfs
 
 
 def test_cosine_scheduler_warmup_and_decay():
@@ -140,19 +141,12 @@ def test_output_checks_refuse_files_in_the_way_and_create_nothing(tmp_path):
 @pytest.mark.parametrize("options, reason", [("ro,size=64k", "Read-only file system"),
                                              ("size=16k", "No space left on device")])
 def test_output_checks_refuse_read_only_and_full_file_systems(tmp_path, options, reason):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", options) as disk:
         if "ro" not in options.split(","):
             (disk / "filler").write_bytes(bytes(16 * 1024))
         with pytest.raises(OSError, match=rf"cannot write output folder .*disk/run: .*disk refuses a 4 KiB test "
                                           rf"file: {reason} \(0\.\d MiB free there\)\. .*nothing was computed yet"):
             utils.check_output_dir(disk / "run")
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_dataloader_workers_of_a_killed_run_do_not_hold_its_folder_lock(tmp_path):
