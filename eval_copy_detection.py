@@ -13,7 +13,6 @@ L2-normalised. Each query retrieves its top 20; AP uses the Holidays trapezoid r
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +152,7 @@ def evaluate_blocks(query_features: torch.Tensor, database_features: torch.Tenso
 def main(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{block: mAP, ..., "overall": mAP}`` in percent."""
     validate_args(args)
+    output_json = utils.check_output_dir(args.output_dir, "--output_dir") / "copydays.json"
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     originals, blocks = read_copydays(args.data_path)
@@ -178,10 +178,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{name:>14}: mAP {value:.2f}")
     summary = {"eval": "copydays", "weights": args.pretrained_weights or "random_init", "imsize": args.imsize,
                "whitening": bool(args.whitening_path), "distractors": len(distractors), "mAP": results}
-    if utils.is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "copydays.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("FINAL " + json.dumps(summary))
+    utils.report_final(summary, output_json)
     return results
 
 

@@ -423,7 +423,7 @@ def save_visualizations(images: Sequence[tuple[int, Path]], sampler: ViewPairSam
         title = f"{name}: {accuracy} exact ({correct}/{int(evaluated.sum())} patches)"
         figure = render_correspondence(pairs.reference[i], pairs.query[i], predicted[i], truth[i], patch_size, title)
         paths.append(folder / f"correspondence_{i:03}.png")
-        figure.save(paths[-1])
+        utils.save_image(figure, paths[-1])
     return paths
 
 
@@ -457,6 +457,16 @@ def settings_of(args: argparse.Namespace) -> dict:
     return {**settings, "query_size": query_size_of(args.size, args.patch_size, args.query_size)}
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Stop before any work when ``--output_json`` or the folder of ``--visualize`` cannot be written: a file in
+    the way, a read-only or full disk. Creates nothing."""
+    if args.output_json:
+        utils.check_output_file(args.output_json, "--output_json")
+    request = utils.visualization_request(args.visualize)
+    if request:
+        utils.check_output_dir(request[1], "the folder of --visualize N DIR")
+
+
 def format_summary(summary: dict) -> str:
     """A readable table of the metrics, their chance levels and the position-only floors."""
     settings = summary["settings"]
@@ -478,6 +488,7 @@ def format_summary(summary: dict) -> str:
 def main(args: argparse.Namespace) -> dict:
     """Run the evaluation; prints a summary and a ``FINAL {json}`` line, returns the summary dict."""
     validate_args(args)
+    check_outputs(args)
     images = select_images(args.data_path, args.num_images, args.seed)
     device = utils.resolve_device(args.device)
     model = vits.build_frozen_backbone(args, img_size=args.size).to(device)

@@ -5,6 +5,8 @@
 
 ``<data_path>/<dataset>/jpg/*.jpg`` holds the images and ``<data_path>/<dataset>/gnd_<dataset>.pkl``
 the ground truth (``imlist``, ``qimlist``, and per query ``bbx``, ``easy``, ``hard``, ``junk``).
+The ground truth is unpickled with ``GroundTruthUnpickler``, which rebuilds only containers, numbers,
+strings and numpy arrays (a pickle naming anything else is refused: unpickling it could run code).
 Queries are cropped to their box; every image is resized so that its longer side is ``--imsize``;
 features are L2-normalised CLS tokens, and the database is ranked by cosine similarity. Results:
 mAP and mP@1/5/10 under the Easy, Medium and Hard protocols.
@@ -12,7 +14,8 @@ mAP and mP@1/5/10 under the Easy, Medium and Hard protocols.
 from __future__ import annotations
 
 import argparse
-import json
+import builtins
+import codecs
 import math
 import pickle
 from pathlib import Path
@@ -161,13 +164,70 @@ class ResizeLongerSide:
         return image.resize(new_size, Image.BICUBIC)
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """How protocol 2 rebuilds ``bytes``: ``_codecs.encode(text, "latin1")``; no other codec is looked up."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise RefusedPickleType(f"a ground-truth pickle asks for _codecs.encode with {encoding!r}; only latin1 "
+                                "(how pickle stores bytes) is allowed")
+    return codecs.encode(text, encoding)
+
+
+# What a pickle of containers, numbers, strings and numpy arrays (any protocol, numpy 1 or 2) asks to rebuild:
+# ``module.name`` -> the object. Protocol 2 spells builtins ``__builtin__`` and stores bytes as ``_codecs.encode``.
+SAFE_PICKLE_GLOBALS = {
+    **{f"{module}.{name}": getattr(builtins, name)
+       for module in ("builtins", "__builtin__") for name in ("set", "frozenset", "bytes", "bytearray", "complex")},
+    "_codecs.encode": _latin1_bytes,
+    "numpy.ndarray": np.ndarray,
+    "numpy.dtype": np.dtype,
+    **{f"{module}.{name}": function
+       for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for name, function in (("_reconstruct", np.zeros(1).__reduce__()[0]),
+                              ("scalar", np.float64(0).__reduce__()[0]))},
+    # Protocol 5 stores an array's bytes out of band and rebuilds it with ``numeric._frombuffer``.
+    **{f"{module}._frombuffer": np.zeros(1).__reduce_ex__(5)[0] for module in ("numpy.core.numeric",
+                                                                               "numpy._core.numeric")},
+}
+
+
+class RefusedPickleType(ValueError):
+    """A ground-truth pickle asked for a type outside ``SAFE_PICKLE_GLOBALS``."""
+
+
+class GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickles only ``SAFE_PICKLE_GLOBALS``: a crafted ``gnd_*.pkl`` (whose ``__reduce__`` would call ``os.system``,
+    ``open``, ...) is refused instead of run. The official revisitop files need nothing else."""
+
+    def __init__(self, handle, path: Path):
+        super().__init__(handle)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        allowed = SAFE_PICKLE_GLOBALS.get(f"{module}.{name}")
+        if allowed is None:
+            raise RefusedPickleType(
+                f"{self.path} asks to build {module}.{name} while being unpickled; it is not loaded, because that could "
+                "run arbitrary code (a ground-truth file holds only lists, dicts, numbers, strings and numpy arrays). "
+                "Use the official file from revisitop, or re-save yours with those types only.")
+        return allowed
+
+
 def load_ground_truth(data_path: str, dataset: str) -> dict:
+    """``gnd_<dataset>.pkl`` read safely (``GroundTruthUnpickler``), with ``imlist``, ``qimlist`` and ``gnd``."""
     path = Path(data_path) / dataset / f"gnd_{dataset}.pkl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected the revisitop layout <data_path>/{dataset}/"
                                 f"gnd_{dataset}.pkl with the images in <data_path>/{dataset}/jpg/")
-    with open(path, "rb") as handle:
-        ground_truth = pickle.load(handle)
+    try:
+        with open(path, "rb") as handle:
+            ground_truth = GroundTruthUnpickler(handle, path).load()
+    except RefusedPickleType:
+        raise
+    except Exception as error:  # pickle raises many kinds for truncated or foreign files
+        raise ValueError(f"cannot read {path}: {type(error).__name__}: {error}. It is truncated or not a revisitop "
+                         "ground-truth pickle; download it again.") from error
+    if not isinstance(ground_truth, dict):
+        raise ValueError(f"{path} holds a {type(ground_truth).__name__}, not the ground-truth dict of revisitop")
     missing = {"imlist", "qimlist", "gnd"} - set(ground_truth)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}")
@@ -248,6 +308,7 @@ def evaluate_protocols(ranks: np.ndarray, gnd: list[dict], kappas=(1, 5, 10)) ->
 def main(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{protocol: {"mAP", "mP@1", "mP@5", "mP@10"}}`` in percent."""
     validate_args(args)
+    output_json = utils.check_output_dir(args.output_dir, "--output_dir") / f"retrieval_{args.dataset}.json"
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     ground_truth = load_ground_truth(args.data_path, args.dataset)
@@ -270,10 +331,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{args.dataset} {protocol:>6}: " + ", ".join(f"{name} {value:.2f}" for name, value in values.items()))
     summary = {"eval": "retrieval", "dataset": args.dataset, "weights": args.pretrained_weights or "random_init",
                "multiscale": args.multiscale, "imsize": args.imsize, "results": results}
-    if utils.is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / f"retrieval_{args.dataset}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("FINAL " + json.dumps(summary))
+    utils.report_final(summary, output_json)
     return results
 
 

@@ -6,10 +6,15 @@
 ``--data_path`` holds ``train/<class>/*`` and ``val/<class>/*``. Features are the teacher
 backbone's CLS tokens, L2-normalised; each test image takes the ``k`` most cosine-similar training
 images, which vote for their class with weight ``exp(similarity / T)``.
+
+``--dump_features`` saves the features with a record of where they came from (``FEATURE_SOURCE``: the
+weights, their digest, the data and crop); ``--load_features`` reports its result under those weights.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -49,15 +54,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Search neighbours with faiss (exact inner product) instead of a torch matrix "
                              "product; same answers, less memory for large training sets.")
     parser.add_argument("--dump_features", default="", type=str,
-                        help="Save the extracted features and labels to this folder.")
+                        help="Save the extracted features and labels to this folder (trainfeat.pth, testfeat.pth, "
+                             "trainlabels.pth, testlabels.pth, as DINO's), with features_source.json recording the "
+                             "weights, data and crop they came from.")
     parser.add_argument("--load_features", default="", type=str,
-                        help="Load features saved by --dump_features instead of running a model.")
+                        help="Evaluate the features saved in this folder by --dump_features instead of running a "
+                             "model. The result is labelled with the weights recorded there; --pretrained_weights "
+                             "or --random_init, if also given, must be those weights (anything else is refused, "
+                             "since it would not be what was evaluated). The model and data arguments are unused.")
     parser.add_argument("--output_json", default="", type=str, help="Also write the results to this JSON file.")
     return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
     if args.load_features:
+        if args.dump_features:
+            raise ValueError("--dump_features with --load_features would only copy the loaded features; drop one")
         return
     vits.validate_backbone_args(args)
     if not args.data_path:
@@ -125,6 +137,17 @@ def _all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of the names, dtypes, shapes and bytes of ``tensors``: the identity of the weights (or
+    features) a result came from, whatever file, key or seed produced them."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return hasher.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # The classifier.
 # ----------------------------------------------------------------------------------------------
@@ -180,18 +203,112 @@ FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels
 
 
 def compute_features(args: argparse.Namespace, device: torch.device):
-    """Train and val CLS features and labels of the frozen backbone."""
+    """Train and val CLS features and labels of the frozen backbone, and the record of where they came from."""
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set = build_split(args.data_path, "train", transform, IndexedImageFolder)
     val_set = build_split(args.data_path, args.val_split, transform, IndexedImageFolder)
     if train_set.classes != val_set.classes:
         raise ValueError(f"train and val classes differ: {train_set.classes} vs {val_set.classes}")
     print(f"Data: {len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes")
-    model = vits.build_frozen_backbone(args, img_size=args.crop_size).to(device)
+    model = vits.build_frozen_backbone(args, img_size=args.crop_size)
+    source = {"weights": args.pretrained_weights or "random_init", "weights_path": weights_identity(args),
+              "checkpoint_key": args.checkpoint_key if args.pretrained_weights else None,
+              "weights_sha256": tensors_digest(model.state_dict()), "data_path": str(Path(args.data_path).resolve()),
+              "val_split": args.val_split, "resize_size": args.resize_size, "crop_size": args.crop_size}
+    model = model.to(device)
     features = [extract_features(model, sequential_loader(split, args.batch_size_per_gpu, args.num_workers), device)
                 for split in (train_set, val_set)]
     labels = [torch.tensor(split.targets, dtype=torch.long) for split in (train_set, val_set)]
-    return features[0], features[1], labels[0], labels[1]
+    return (features[0], features[1], labels[0], labels[1]), source
+
+
+def weights_identity(args: argparse.Namespace) -> str:
+    """The weights of ``args`` whatever the working folder: a reference name, a file's absolute path, random_init."""
+    if not args.pretrained_weights:
+        return "random_init"
+    if vits.reference_weights(args.pretrained_weights) is not None:
+        return args.pretrained_weights
+    return str(Path(args.pretrained_weights).resolve())
+
+
+# Written beside the dumped tensors: where they came from, and each tensor's digest (which ties the files to it).
+FEATURE_SOURCE = "features_source.json"
+
+
+def dump_features(folder: Path, tensors, source: dict) -> None:
+    """The four tensors as ``FEATURE_FILES`` in ``folder`` and ``source`` (with their digests) as ``FEATURE_SOURCE``.
+
+    The record is written first: a dump killed midway leaves files that disagree with it, which loading names,
+    rather than another dump's record beside these tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digests = {name: tensors_digest({name: tensor}) for tensor, name in zip(tensors, FEATURE_FILES)}
+    utils.write_text_atomic(json.dumps({**source, "files": digests}, indent=2) + "\n", folder / FEATURE_SOURCE)
+    for tensor, name in zip(tensors, FEATURE_FILES):
+        utils.write_atomic(folder / name, lambda handle, tensor=tensor: torch.save(tensor, handle))
+    print(f"Dumped the features and labels to {folder}", flush=True)
+
+
+def load_dumped_features(folder: Path, source: dict | None) -> list[torch.Tensor]:
+    """The four tensors of a ``--dump_features`` folder, checked against each other and against the folder's
+    ``FEATURE_SOURCE`` record ``source`` (None for a dump without one, e.g. DINO's). Errors name the file."""
+    tensors = [load_feature_file(folder / name) for name in FEATURE_FILES]
+    for tensor, name in zip(tensors, FEATURE_FILES):
+        if source is not None and source.get("files", {}).get(name) != tensors_digest({name: tensor}):
+            raise RuntimeError(f"{folder / name} is not the tensor recorded in {folder / FEATURE_SOURCE} (a dump "
+                               "killed midway, or files copied from another dump): dump the features again")
+    train_features, test_features, train_labels, test_labels = tensors
+    if (train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]
+            or train_labels.shape != train_features.shape[:1] or test_labels.shape != test_features.shape[:1]):
+        raise RuntimeError(f"the feature files in {folder} do not belong together: features "
+                           f"{tuple(train_features.shape)} and {tuple(test_features.shape)}, labels "
+                           f"{tuple(train_labels.shape)} and {tuple(test_labels.shape)}; dump the features again")
+    return tensors
+
+
+def load_feature_file(path: Path) -> torch.Tensor:
+    """One tensor saved by ``--dump_features``, or an error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a --load_features folder holds {', '.join(FEATURE_FILES)} "
+                                "written by --dump_features")
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for truncated or foreign files
+        raise RuntimeError(f"cannot read {path}: {type(error).__name__}: {error}. The file is truncated or not "
+                           "a tensor saved by --dump_features; dump the features again") from error
+    if not torch.is_tensor(tensor):
+        raise RuntimeError(f"{path} holds a {type(tensor).__name__}, not a tensor saved by --dump_features")
+    return tensor
+
+
+def read_feature_source(folder: Path) -> dict | None:
+    """The ``FEATURE_SOURCE`` record of a ``--load_features`` folder; None for a dump without one."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--load_features {folder} is not a folder; give the folder written by "
+                                f"--dump_features (it holds {', '.join(FEATURE_FILES)})")
+    path = folder / FEATURE_SOURCE
+    if not path.is_file():
+        return None
+    try:
+        source = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"cannot read {path}: {error}; dump the features again") from error
+    if not isinstance(source, dict) or "weights_path" not in source:
+        raise RuntimeError(f"{path} is not a record written by --dump_features; dump the features again")
+    return source
+
+
+def loaded_features_label(args: argparse.Namespace, folder: Path, source: dict | None) -> str:
+    """The weights loaded features came from, for the result; refuses weights given on the command line that
+    are not those (the result would be labelled with weights it never used)."""
+    recorded = source["weights_path"] if source else f"not recorded (features of {folder.resolve()})"
+    given = weights_identity(args) if args.pretrained_weights or args.random_init else None
+    if given is not None and given != recorded:
+        where = (f"recorded in {folder / FEATURE_SOURCE}" if source else
+                 f"{folder} holds no {FEATURE_SOURCE} saying which weights they came from")
+        raise ValueError(f"--load_features {folder} evaluates features of the weights {recorded} ({where}), not "
+                         f"{given}: drop --pretrained_weights / --random_init (the result is labelled with the "
+                         "features' own weights), or dump the features of those weights first")
+    return recorded
 
 
 def neighbour_counts(requested: list[int], num_train: int) -> list[int]:
@@ -211,16 +328,22 @@ def main(args: argparse.Namespace) -> dict:
     """Run the evaluation; returns ``{k: {"top1": ..., "top5": ...}}`` (on every process), ``k`` as used
     (``--nb_knn`` values above the number of training images become that number)."""
     validate_args(args)
+    if args.output_json:
+        utils.check_output_file(args.output_json, "--output_json")
+    if args.dump_features:
+        utils.check_output_dir(args.dump_features, "--dump_features")
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     if args.load_features:
-        tensors = [torch.load(Path(args.load_features) / name, weights_only=True) for name in FEATURE_FILES]
+        folder = Path(args.load_features)
+        source = read_feature_source(folder)
+        weights = loaded_features_label(args, folder, source)  # before reading the (large) tensors
+        tensors = load_dumped_features(folder, source)
     else:
-        tensors = compute_features(args, device)
+        tensors, source = compute_features(args, device)
+        weights = source["weights"]
         if args.dump_features and utils.is_main_process():
-            Path(args.dump_features).mkdir(parents=True, exist_ok=True)
-            for tensor, name in zip(tensors, FEATURE_FILES):
-                torch.save(tensor, Path(args.dump_features) / name)
+            dump_features(Path(args.dump_features), tensors, source)
     train_features, test_features, train_labels, test_labels = tensors
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     knn_device = device if device.type == "cuda" else torch.device("cpu")
@@ -230,8 +353,9 @@ def main(args: argparse.Namespace) -> dict:
                                     test_labels, k, args.temperature, num_classes, use_faiss=args.use_faiss)
         results[k] = {"top1": top1, "top5": top5}
         print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
-    summary = {"eval": "knn", "weights": args.pretrained_weights or args.load_features or "random_init",
-               "results": results}
+    summary = {"eval": "knn", "weights": weights, "results": results}
+    if args.load_features:
+        summary["features"] = str(Path(args.load_features).resolve())
     utils.report_final(summary, args.output_json)
     return results
 

@@ -7,7 +7,10 @@ Features: the CLS tokens of the last ``--n_last_blocks`` blocks, concatenated, f
 average of the last block's patch tokens with ``--avgpool_patchtokens true``. One linear head per
 learning rate of ``--lrs`` trains on the same features side by side (SGD, momentum 0.9, cosine
 schedule); the best is reported. Restarting the same command resumes from
-``<output_dir>/linear_checkpoint.pth``; ``--evaluate`` only evaluates the saved heads.
+``<output_dir>/linear_checkpoint.pth``; ``--evaluate`` only evaluates the saved heads. The checkpoint records
+what its heads and result depend on (``TRAINING_SETTINGS``: the weights' tensors, the features, the data and
+the schedule): a checkpoint written with other settings is refused, with every difference named, rather
+than resumed or evaluated and reported under this run's label.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from torchvision.transforms import InterpolationMode
 
 import utils
 import vision_transformer as vits
-from eval_knn import IndexedImageFolder, build_split, extract_features, sequential_loader
+from eval_knn import IndexedImageFolder, build_split, extract_features, sequential_loader, tensors_digest
 from transforms_patch import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 CHECKPOINT_NAME = "linear_checkpoint.pth"
@@ -59,8 +62,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "pretraining resolution. A multiple of the patch size.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
     parser.add_argument("--val_freq", default=1, type=int, help="Validate every this many epochs (and at the end).")
-    parser.add_argument("--output_dir", default=".", type=str, help="Where the heads, log and results go.")
-    parser.add_argument("--evaluate", action="store_true", help="Only evaluate the saved heads on val.")
+    parser.add_argument("--output_dir", default=".", type=str,
+                        help="Where the heads (linear_checkpoint.pth), log and results go. A checkpoint there is "
+                             "resumed only if it was written with the same weights (compared by their tensors), "
+                             "features, data, split and schedule; otherwise the run stops naming each difference: "
+                             "use another --output_dir for another evaluation.")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="Only evaluate the saved heads on --val_split; they must have been trained on the "
+                             "features of these weights and feature settings.")
     parser.add_argument("--head_weights", default="", type=str,
                         help="Heads to evaluate with --evaluate (default: <output_dir>/linear_checkpoint.pth).")
     parser.add_argument("--seed", default=0, type=int, help="Seed of head initialisation and data order.")
@@ -182,6 +191,54 @@ def evaluate(probe: Probe, loader: DataLoader, feature_fn: Callable, labels: tor
 
 
 # ----------------------------------------------------------------------------------------------
+# What a checkpoint's heads belong to.
+# ----------------------------------------------------------------------------------------------
+# The features the heads read: the same tensors (whatever file or key they came from), the same layers, crop.
+FEATURE_SETTINGS = ("weights_sha256", "n_last_blocks", "avgpool_patchtokens", "crop_size")
+# And how they were trained and validated: a resume continues only the very same run.
+TRAINING_SETTINGS = FEATURE_SETTINGS + ("data_path", "val_split", "resize_size", "epochs", "lrs", "total_batch_size",
+                                        "seed")
+
+
+def run_settings(args: argparse.Namespace, model: vits.VisionTransformer) -> dict:
+    """The ``TRAINING_SETTINGS`` of this run, plus ``weights``, the label that names the weights in messages."""
+    weights = (f"{args.pretrained_weights} (--checkpoint_key {args.checkpoint_key})" if args.pretrained_weights
+               else "random_init")
+    return {"weights": weights, "weights_sha256": tensors_digest(model.state_dict()),
+            "n_last_blocks": args.n_last_blocks, "avgpool_patchtokens": args.avgpool_patchtokens,
+            "crop_size": args.crop_size, "data_path": str(Path(args.data_path).resolve()), "val_split": args.val_split,
+            "resize_size": args.resize_size, "epochs": args.epochs, "lrs": [float(lr) for lr in args.lrs],
+            "total_batch_size": args.batch_size_per_gpu * utils.get_world_size(), "seed": args.seed}
+
+
+def describe_difference(name: str, saved: dict, current: dict) -> str:
+    if name == "weights_sha256":
+        return f"weights {saved.get('weights')} there, {current['weights']} now (other tensors)"
+    if name == "total_batch_size":
+        return f"total batch (--batch_size_per_gpu x processes) {saved.get(name)} there, {current[name]} now"
+    return f"--{name} {saved.get(name)} there, {current[name]} now"
+
+
+def matching_checkpoint(path: Path, settings: dict, keys: tuple[str, ...], required: bool) -> dict | None:
+    """The linear checkpoint at ``path`` if its recorded settings equal ``settings`` on ``keys``; None when it does
+    not exist and is not ``required``. Anything else stops, before any data is read, naming every difference."""
+    if not required and not path.exists():
+        return None
+    checkpoint = load_probe_checkpoint(path)
+    saved = checkpoint.get("settings")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} does not record the weights and settings its heads were trained with (written by an "
+                         "older eval_linear.py): its result cannot be told to belong to this run. Use another "
+                         f"--output_dir, or move {path} away to start afresh.")
+    differences = [describe_difference(name, saved, settings) for name in keys if saved.get(name) != settings[name]]
+    if differences:
+        raise ValueError(f"{path} holds heads of another linear evaluation ({'; '.join(differences)}); resuming or "
+                         "evaluating them would report their result under this run's label. Use another "
+                         f"--output_dir, move {path} away to start afresh, or rerun with its settings.")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
 # Script.
 # ----------------------------------------------------------------------------------------------
 def linear_train_transform(crop_size: int) -> transforms.Compose:
@@ -220,25 +277,32 @@ def report(results: list[dict], epoch: int | None = None) -> dict:
 def main(args: argparse.Namespace) -> dict:
     """Train (or resume, or only evaluate) the heads; returns the best head's result."""
     validate_args(args)
+    output_dir = Path(args.output_dir)
+    if not args.evaluate:  # --evaluate writes nothing
+        utils.check_output_dir(output_dir, "--output_dir")
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     torch.manual_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    if utils.is_main_process():
+    model = vits.build_frozen_backbone(args, img_size=args.crop_size)
+    settings = run_settings(args, model)
+    checkpoint_path = Path(args.head_weights) if args.evaluate and args.head_weights else output_dir / CHECKPOINT_NAME
+    checkpoint = matching_checkpoint(checkpoint_path, settings, FEATURE_SETTINGS if args.evaluate else TRAINING_SETTINGS,
+                                     required=args.evaluate)
+    model = model.to(device)
+    if utils.is_main_process() and not args.evaluate:
         output_dir.mkdir(parents=True, exist_ok=True)
     train_loader, val_loader, val_labels, num_labels = build_data(args)
-    model = vits.build_frozen_backbone(args, img_size=args.crop_size).to(device)
     feature_fn = partial(frozen_features, model, n_last_blocks=args.n_last_blocks,
                          avgpool_patchtokens=args.avgpool_patchtokens)
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     probe = Probe(dim, num_labels, args.lrs, args.epochs, args.batch_size_per_gpu * utils.get_world_size(), device)
 
     if args.evaluate:
-        path = Path(args.head_weights or output_dir / CHECKPOINT_NAME)
-        probe.load_state_dict(load_probe_checkpoint(path)["probe"], path, heads_only=True)
+        probe.load_state_dict(checkpoint["probe"], checkpoint_path, heads_only=True)
         best = report(evaluate(probe, val_loader, feature_fn, val_labels, device))
     else:
-        best = train(args, probe, train_loader, val_loader, val_labels, feature_fn, device, output_dir)
+        best = train(args, probe, checkpoint, settings, (train_loader, val_loader, val_labels), feature_fn, device,
+                     output_dir)
     utils.report_final({"eval": "linear", "weights": args.pretrained_weights or "random_init", "best": best})
     return best
 
@@ -251,10 +315,13 @@ def load_probe_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def train(args, probe: Probe, train_loader, val_loader, val_labels, feature_fn, device, output_dir: Path) -> dict:
-    """Train the heads from where ``<output_dir>/linear_checkpoint.pth`` left off; returns the best result."""
-    checkpoint_path = output_dir / CHECKPOINT_NAME
-    start_epoch, best = resume(probe, checkpoint_path, output_dir / "log.txt")
+def train(args, probe: Probe, checkpoint: dict | None, settings: dict, data, feature_fn, device,
+          output_dir: Path) -> dict:
+    """Train the heads from where ``checkpoint`` (of ``<output_dir>/linear_checkpoint.pth``, or None) left off;
+    ``data`` is ``(train_loader, val_loader, val_labels)``. Returns the best result."""
+    train_loader, val_loader, val_labels = data
+    checkpoint_path, log_path = output_dir / CHECKPOINT_NAME, output_dir / "log.txt"
+    start_epoch, best = resume(probe, checkpoint, checkpoint_path, log_path)
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_losses = train_one_epoch(probe, train_loader, feature_fn, device, epoch)
@@ -267,23 +334,28 @@ def train(args, probe: Probe, train_loader, val_loader, val_labels, feature_fn, 
         if utils.is_main_process():
             # The log line first, the checkpoint last: the checkpoint is the commit point a restart trusts,
             # and the restart drops log lines it does not cover (a kill in between loses nothing).
-            with open(output_dir / "log.txt", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            utils.save_atomic({"probe": probe.state_dict(), "epoch": epoch + 1, "best": best, "args": vars(args)},
-                              checkpoint_path)
+            append_log_line(log_path, record)
+            utils.save_atomic({"probe": probe.state_dict(), "epoch": epoch + 1, "best": best, "args": vars(args),
+                               "settings": settings}, checkpoint_path)
     print(f"Best over training: lr {best['lr']:g}, top-1 {best['top1']:.2f}, top-5 {best['top5']:.2f}")
     return best
 
 
-def resume(probe: Probe, checkpoint_path: Path, log_path: Path) -> tuple[int, dict | None]:
-    """Load the heads from ``checkpoint_path`` if it exists; returns ``(next epoch, best so far)``.
+def append_log_line(log_path: Path, record: dict) -> None:
+    """Add one JSON line to the log by rewriting it atomically (a few KiB): a failed write names the file and the
+    free space, and never leaves a torn line."""
+    previous = log_path.read_text() if log_path.exists() else ""
+    utils.write_text_atomic(previous + json.dumps(record) + "\n", log_path)
+
+
+def resume(probe: Probe, checkpoint: dict | None, checkpoint_path: Path, log_path: Path) -> tuple[int, dict | None]:
+    """Load the heads from ``checkpoint`` (read from ``checkpoint_path``) if any; returns ``(next epoch, best so far)``.
 
     The main process also clears what a killed run left behind: a checkpoint temporary, and log lines
     of epochs the checkpoint does not cover (they are redone).
     """
     start_epoch, best = 0, None
-    if checkpoint_path.exists():
-        checkpoint = load_probe_checkpoint(checkpoint_path)
+    if checkpoint is not None:
         probe.load_state_dict(checkpoint["probe"], checkpoint_path)
         start_epoch, best = checkpoint["epoch"], checkpoint["best"]
         print(f"Resumed linear heads from {checkpoint_path} at epoch {start_epoch}")

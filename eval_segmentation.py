@@ -581,7 +581,7 @@ def save_visualizations(sink: PredictionSink, samples: list[sd.Sample], layout: 
         title = f"{samples[index].stem} (split mIoU: " + ", ".join(
             f"{name} {_fmt(result['mIoU'])}" for name, result in results.items()) + ")"
         paths.append(folder / f"segmentation_{number:03}.png")
-        render_segmentation(image, truth, predictions, layout.num_classes, title).save(paths[-1])
+        utils.save_image(render_segmentation(image, truth, predictions, layout.num_classes, title), paths[-1])
     return paths
 
 
@@ -637,6 +637,20 @@ def settings_of(args: argparse.Namespace) -> dict:
             for name, value in ((name, getattr(args, name)) for name in names)}
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Stop before any work when ``--output_json``, ``--save_masks`` (with its protocol folders) or the folder of
+    ``--visualize`` cannot be written: a file in the way, a read-only or full disk. Creates nothing."""
+    if args.output_json:
+        utils.check_output_file(args.output_json, "--output_json")
+    if args.save_masks:
+        utils.check_output_dir(args.save_masks, "--save_masks")
+        for protocol in protocols_of(args):
+            utils.check_output_dir(Path(args.save_masks) / protocol, f"the {protocol} masks folder of --save_masks")
+    request = utils.visualization_request(args.visualize)
+    if request:
+        utils.check_output_dir(request[1], "the folder of --visualize N DIR")
+
+
 def format_summary(summary: dict) -> str:
     """The per-class IoU table and the headline scores of every protocol."""
     protocols = [name for name in PROTOCOLS if name in summary]
@@ -656,6 +670,7 @@ def format_summary(summary: dict) -> str:
 def main(args: argparse.Namespace) -> dict:
     """Run the evaluation; prints the table and a ``FINAL {json}`` line, returns the summary dict."""
     validate_args(args)
+    check_outputs(args)
     layout, train_samples, val_samples = load_splits(args)
     if args.save_masks and layout.label_offset + layout.num_classes - 1 > 255:
         raise ValueError(f"--save_masks writes 8-bit palette PNGs, which cannot hold the {layout.num_classes} "

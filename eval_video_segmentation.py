@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import resource
 import time
 from collections import deque
@@ -40,9 +41,14 @@ from PIL import Image
 
 import utils
 import vision_transformer as vits
+from segmentation_data import files_by_stem
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 VOID_LABEL = 255  # DAVIS marks pixels to ignore with this value
+LABEL_MODES = ("P", "L", "1")  # annotations whose pixel values are object ids
+COLOUR_MASK_FIX = ("annotations must be indexed (palette) or single-channel PNGs whose values are object ids (DAVIS's "
+                   "own are palette PNGs); map each colour to its id and save the ids, e.g. "
+                   "Image.fromarray(ids.astype('uint8')).save(path)")
 VOID_RULES = ("background", "ignore")  # how --void scores them: davis2017-evaluation's rule first
 # DINO's frame normalisation: ImageNet's mean and, as in its (UVC-derived) code, 0.228 as the red std.
 FRAME_MEAN, FRAME_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
@@ -117,61 +123,119 @@ def validate_args(args: argparse.Namespace) -> None:
 # DAVIS files.
 # ----------------------------------------------------------------------------------------------
 def read_video_names(args: argparse.Namespace) -> list[str]:
-    """``--videos``, or the names in ``--video_list`` (default ``ImageSets/2017/val.txt``), blank lines skipped."""
+    """``--videos``, or the names in ``--video_list`` (default ``ImageSets/2017/val.txt``), blank lines skipped.
+    A name given twice is an error: both runs would write the same masks and be scored twice."""
     if args.videos:
-        return list(args.videos)
-    path = Path(args.video_list) if args.video_list else Path(args.data_path) / "ImageSets" / "2017" / "val.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"video list {path} not found: give --video_list FILE or --videos NAME ...")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise ValueError(f"video list {path} names no video")
+        names = list(args.videos)
+    else:
+        path = Path(args.video_list) if args.video_list else Path(args.data_path) / "ImageSets" / "2017" / "val.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"video list {path} not found: give --video_list FILE or --videos NAME ...")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not names:
+            raise ValueError(f"video list {path} names no video")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"the videos {', '.join(repeated)} are named more than once; name each video once")
     return names
 
 
 @dataclass
 class Video:
-    """A video's frames, their annotations (``annotations[i]`` is None where frame i has none) and frame size
-    ``(H, W)``."""
+    """A video's frames in order, their annotations (``annotations[i]`` is None where frame i has none), frame
+    size ``(H, W)`` and the ids of the objects of its first mask."""
 
     name: str
     frames: list[Path]
     annotations: list[Path | None]
     size: tuple[int, int]
+    ids: list[int]
+
+
+def find_videos(args: argparse.Namespace) -> list[Video]:
+    """Every video to segment, each checked by ``find_video`` before any work; the problems of all of them
+    are raised together, so that one rerun after fixing them is enough."""
+    videos, problems = [], []
+    for name in read_video_names(args):
+        try:
+            videos.append(find_video(args.data_path, args.resolution, name))
+        except (ValueError, OSError) as error:
+            problems.append(error)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ValueError(f"{len(problems)} of {len(videos) + len(problems)} videos cannot be segmented (nothing was "
+                         "computed): " + "; ".join(str(problem) for problem in problems))
+    return videos
 
 
 def find_video(data_path: str | Path, resolution: str, name: str) -> Video:
-    """The frames of ``JPEGImages/<resolution>/<name>`` (sorted by name) and their annotations, if any.
+    """The frames of ``JPEGImages/<resolution>/<name>`` and their annotations, checked before any work.
 
-    Checked before any work, from the files' headers: a missing or empty folder, a missing first-frame
-    annotation, and a frame or annotation whose size differs from the first frame's are errors naming the file.
+    Frames are ordered by the numbers in their names (``2.jpg`` before ``10.jpg``, as ``00002.jpg`` before
+    ``00010.jpg``). Errors name the file: a missing or empty folder, two frames of one stem, an annotation that
+    is not ``<frame stem>.png``, a missing first mask, a frame or annotation of another size than the first
+    frame, a colour annotation, a first mask without objects.
     """
     frame_folder = Path(data_path) / "JPEGImages" / resolution / name
     if not frame_folder.is_dir():
         raise FileNotFoundError(f"video {name}: frames folder {frame_folder} not found")
-    frames = utils.list_images(frame_folder)
+    frames = sorted(files_by_stem(frame_folder).values(), key=natural_key)
     if not frames:
         raise ValueError(f"video {name}: no frames in {frame_folder}")
     annotation_folder = Path(data_path) / "Annotations" / resolution / name
-    annotations = [annotation_folder / f"{frame.stem}.png" for frame in frames]
-    annotations = [path if path.is_file() else None for path in annotations]
+    annotations = find_annotations(name, frames, annotation_folder)
     if annotations[0] is None:
         raise FileNotFoundError(f"video {name}: the first frame's mask {annotation_folder / (frames[0].stem + '.png')} "
                                 "is missing; semi-supervised segmentation starts from it")
-    size = image_size(frames[0])
-    for path in frames[1:] + [path for path in annotations if path is not None]:
-        if image_size(path) != size:
-            kind = "frame" if path.parent == frame_folder else "annotation"
-            raise ValueError(f"video {name}: {kind} {path.name} is {image_size(path)[1]}x{image_size(path)[0]} but "
-                             f"the first frame is {size[1]}x{size[0]}; all frames and masks must share one size")
-    return Video(name, frames, annotations, size)
+    size = check_headers(name, frames, [path for path in annotations if path is not None])
+    return Video(name, frames, annotations, size, first_object_ids(name, annotations[0]))
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """``(H, W)`` of an image file, from its header."""
+def natural_key(path: Path) -> tuple[list, str]:
+    """Sort key ordering the numbers in a file name by value (``frame2`` before ``frame10``), then by name."""
+    parts = re.split(r"(\d+)", path.name)  # text at even positions, digit runs at odd ones
+    return [int(part) if position % 2 else part for position, part in enumerate(parts)], path.name
+
+
+def find_annotations(name: str, frames: list[Path], folder: Path) -> list[Path | None]:
+    """``folder/<frame stem>.png`` for each frame, None where there is none. Any other image file in ``folder``
+    is an error: it would be silently left out (masks named unlike their frames, or not PNGs)."""
+    expected = {f"{frame.stem}.png" for frame in frames}
+    strays = [path.name for path in utils.list_images(folder) if path.name not in expected] if folder.is_dir() else []
+    if strays:
+        more = f" and {len(strays) - 3} more" if len(strays) > 3 else ""
+        raise ValueError(f"video {name}: {len(strays)} file(s) in {folder} match no frame ({', '.join(strays[:3])}"
+                         f"{more}); an annotation is named after its frame, as a PNG ({frames[0].name} -> "
+                         f"{frames[0].stem}.png): rename them, or move them away")
+    return [folder / f"{frame.stem}.png" if (folder / f"{frame.stem}.png").is_file() else None for frame in frames]
+
+
+def check_headers(name: str, frames: list[Path], annotations: list[Path]) -> tuple[int, int]:
+    """The first frame's size ``(H, W)``, after checking from the files' headers that every frame and
+    annotation has it and that every annotation holds ids (indexed or single-channel, not colour)."""
+    size, _ = image_header(frames[0])
+    colour = []
+    for path in frames[1:] + annotations:
+        (height, width), mode = image_header(path)
+        if (height, width) != size:
+            kind = "frame" if path.parent == frames[0].parent else "annotation"
+            raise ValueError(f"video {name}: {kind} {path.name} is {width}x{height} but the first frame is "
+                             f"{size[1]}x{size[0]}; all frames and masks must share one size")
+        if path in annotations and mode not in LABEL_MODES:
+            colour.append(f"{path.name} ({mode})")
+    if colour:
+        more = f" and {len(colour) - 3} more" if len(colour) > 3 else ""
+        raise ValueError(f"video {name}: {len(colour)} annotation(s) in {annotations[0].parent} are colour images "
+                         f"({', '.join(colour[:3])}{more}); {COLOUR_MASK_FIX}")
+    return size
+
+
+def image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """``((H, W), mode)`` of an image file, from its header."""
     try:
         with Image.open(path) as image:
-            return image.height, image.width
+            return (image.height, image.width), image.mode
     except Exception as error:  # PIL raises many kinds for files that are not images
         raise utils.UnreadableImageError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
 
@@ -183,10 +247,24 @@ def read_label_map(path: Path) -> tuple[np.ndarray, list[int] | None]:
     (their colours would have to be mapped back to ids).
     """
     with Image.open(path) as image:
-        if image.mode not in ("P", "L", "1"):
-            raise ValueError(f"{path} is a {image.mode} image; annotations must be indexed (palette) or "
-                             "single-channel PNGs whose values are object ids")
+        if image.mode not in LABEL_MODES:
+            raise ValueError(f"{path} is a {image.mode} image; {COLOUR_MASK_FIX}")
         return np.array(image, dtype=np.uint8), image.getpalette() if image.mode == "P" else None
+
+
+def first_object_ids(name: str, path: Path) -> list[int]:
+    """The ids of the objects in the first mask ``path`` (none is an error); notes a palette unlike DAVIS's."""
+    first_mask, palette = read_label_map(path)
+    ids = object_ids(first_mask)
+    if not ids:
+        raise ValueError(f"video {name}: the first mask {path} holds no object (only 0 and {VOID_LABEL}, which DAVIS "
+                         f"reads as background and void); object ids are its values 1..{VOID_LABEL - 1}: if "
+                         f"{VOID_LABEL} marks your object, write it as 1 (e.g. mask // {VOID_LABEL})")
+    mismatch = palette_mismatch(palette, ids)
+    if mismatch is not None:
+        print(f"note: {path} colours index {mismatch} unlike DAVIS's palette; the masks written use DAVIS's "
+              "palette (only the indices matter for scoring)", flush=True)
+    return ids
 
 
 def object_ids(first_mask: np.ndarray) -> list[int]:
@@ -488,20 +566,6 @@ def evaluation_plan(video: Video) -> tuple[bool, str]:
     return True, ""
 
 
-def first_mask_and_ids(video: Video) -> tuple[np.ndarray, list[int]]:
-    """The first annotation ``[H, W]`` and the ids of the objects to track; notes a palette unlike DAVIS's."""
-    first_mask, palette = read_label_map(video.annotations[0])
-    ids = object_ids(first_mask)
-    if not ids:
-        raise ValueError(f"video {video.name}: the first mask {video.annotations[0]} holds no object (only 0 and "
-                         f"{VOID_LABEL}); object ids are its non-zero values")
-    mismatch = palette_mismatch(palette, ids)
-    if mismatch is not None:
-        print(f"note: {video.annotations[0]} colours index {mismatch} unlike DAVIS's palette; the masks written use "
-              "DAVIS's palette (only the indices matter for scoring)", flush=True)
-    return first_mask, ids
-
-
 def note_topk_cap(topk: int, grid: tuple[int, int], radius: int) -> None:
     """Say when some target patches have fewer than ``topk`` candidates (they then keep all of them)."""
     fewest = fewest_candidates(grid, radius)
@@ -513,7 +577,7 @@ def note_topk_cap(topk: int, grid: tuple[int, int], radius: int) -> None:
 def segment_video(video: Video, feature_fn: FeatureFn, args: argparse.Namespace, output_dir: Path,
                   device: torch.device) -> dict:
     """Propagate the first mask through ``video``, write every mask, score when possible; returns its entry."""
-    first_mask, ids = first_mask_and_ids(video)
+    first_mask, ids = read_label_map(video.annotations[0])[0], video.ids
     size = processing_size(*video.size, args.frame_size, args.patch_size)
     grid = (size[0] // args.patch_size, size[1] // args.patch_size)
     note_topk_cap(args.topk, grid, args.size_mask_neighborhood)
@@ -593,6 +657,17 @@ def settings_of(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
+def check_outputs(args: argparse.Namespace, videos: list[Video]) -> Path:
+    """Stop before any work when ``--output_dir``, a video's mask folder or the results file cannot be written
+    (a file in the way, a read-only or full disk); returns the results file's path. Creates nothing."""
+    output_dir = utils.check_output_dir(args.output_dir, "--output_dir")
+    for video in videos:
+        utils.check_output_dir(output_dir / video.name, f"the mask folder of video {video.name}")
+    if args.output_json:
+        return utils.check_output_file(args.output_json, "--output_json")
+    return utils.check_output_file(output_dir / "results.json", "the results file (--output_dir)")
+
+
 def peak_memory_mib() -> float:
     """This process's peak resident memory so far (Linux reports kibibytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -601,8 +676,9 @@ def peak_memory_mib() -> float:
 def main(args: argparse.Namespace) -> dict:
     """Run the evaluation; prints a summary and a ``FINAL {json}`` line, returns the summary dict."""
     validate_args(args)
-    # Every video's files are checked before the model is built and any work is done.
-    videos = [find_video(args.data_path, args.resolution, name) for name in read_video_names(args)]
+    # Every video's files and every output path are checked before the model is built and any work is done.
+    videos = find_videos(args)
+    results_path = check_outputs(args, videos)
     device = utils.resolve_device(args.device)
     model = vits.build_frozen_backbone(args, img_size=args.frame_size).to(device)
     summary = run_evaluation(args, videos, vits.backbone_patch_features(model, 1), device)
@@ -613,7 +689,7 @@ def main(args: argparse.Namespace) -> dict:
               f"{summary['scored_objects']} objects in {summary['scored_videos']} videos (void pixels: "
               f"{summary['void']})", flush=True)
     print(f"{summary['seconds_per_frame']:.3f} s per frame; peak memory {peak_memory_mib():.0f} MiB", flush=True)
-    utils.report_final(summary, args.output_json or Path(args.output_dir) / "results.json")
+    utils.report_final(summary, results_path)
     return summary
 
 

@@ -46,7 +46,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "DINO's released backbone weights, for the official DINO code. The Python call that "
                              "loads the file is printed.")
     parser.add_argument("--output", required=True, type=str,
-                        help="File to write (its folder must exist); replaced atomically if present.")
+                        help="File to write (its folder must exist). An existing file is kept unless --overwrite "
+                             "is given; a training checkpoint (holding student, teacher, optimizer or epoch) is "
+                             "never replaced.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing --output file (atomically, once the export is checked); never "
+                             "a training checkpoint.")
     return parser
 
 
@@ -64,6 +69,26 @@ def validate_args(args: argparse.Namespace) -> None:
                                 f"(mkdir -p {output.parent}) or choose another path")
     if output.exists() and output.resolve() == Path(args.pretrained_weights).resolve():
         raise ValueError(f"--output {output} is the file being exported; write the export to another file")
+    utils.check_output_file(output, "--output")
+    if output.exists():
+        refuse_to_replace(output, args.overwrite)
+
+
+def refuse_to_replace(output: Path, overwrite: bool) -> None:
+    """Stop when the existing ``output`` is a training checkpoint (always: it is a run's only copy of its state),
+    or is any file and ``overwrite`` is off."""
+    try:
+        content = utils.load_checkpoint(output, what="existing --output")
+    except RuntimeError:  # not a checkpoint we can read: an ordinary file
+        content = {}
+    training_keys = [key for key in vits.TRAINING_CHECKPOINT_KEYS if key in content]
+    if training_keys:
+        raise FileExistsError(f"--output {output} is a training checkpoint (it holds {', '.join(training_keys)}); "
+                              "an export never replaces one, --overwrite included. Write the export to another "
+                              "file, e.g. " + str(output.with_name(f"{output.stem}_backbone.pth")))
+    if not overwrite:
+        raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it, or write the export to "
+                              "another file")
 
 
 def load_native_backbone(args: argparse.Namespace) -> vits.VisionTransformer:

@@ -355,14 +355,17 @@ def _draw_grid(draw: ImageDraw.ImageDraw, grid: int, cell: int, origin: tuple[in
 def main(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     grid_side(args.global_size, args.patch_size)
     grid_side(args.local_size, args.patch_size)
+    utils.check_output_file(args.output, "--output")
     if not args.image.is_file():
         raise FileNotFoundError(f"image {args.image} not found; pass --image PATH to a photo")
-    image = Image.open(args.image).convert("RGB")
+    image = utils.read_rgb_image(args.image)  # 16-bit images scaled, not clipped to white
     torch.manual_seed(args.seed)
     (global_view, global_geometry), (local_view, local_geometry) = draw_views(
         image, args.global_size, args.local_size, args.global_crops_scale, args.local_crops_scale)
     teacher_tokens, student_tokens = match_patches(global_geometry, local_geometry, args.patch_size, args.mode)
-    render_matches(global_view, local_view, teacher_tokens, student_tokens, args.patch_size).save(args.output)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    utils.save_image(render_matches(global_view, local_view, teacher_tokens, student_tokens, args.patch_size),
+                     args.output)
     print(f"teacher (global) view: {global_geometry}")
     print(f"student (local) view:  {local_geometry}")
     print(f"teacher tokens: {teacher_tokens}")

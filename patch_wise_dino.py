@@ -8,7 +8,10 @@ Several GPUs or nodes:
 Restarting the same command (also after ``kill -9``, or under ``torchrun --max_restarts``) resumes from
 ``<output_dir>/checkpoint.pth``, at the next iteration when ``--save_every_iters`` wrote it mid-epoch, and
 ends with the weights an uninterrupted run would have: every random draw is a function of (seed, epoch,
-rank, position in the epoch), never of the process history.
+rank, position in the epoch), never of the process history. Going back to an earlier checkpoint with other
+arguments (``--resume_from`` with ``--allow_args_change``) starts a new lineage: ``args_history.jsonl``
+records each one, and later periodic checkpoints of another lineage are moved into ``superseded_<time>/``,
+never overwritten.
 
 One run per output folder: rank 0 holds ``<output_dir>/.lock`` for the whole run, and a second process
 started there is refused, naming the first. SIGTERM, SIGUSR1 (SLURM's ``--signal``) or Ctrl-C stop
@@ -20,11 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "and 'ibot' CLS keeps DINO's head and center; both need --patch_loss true.")
     group.add_argument("--patch_out_dim", default=None, type=int,
                        help="Prototypes of the patch tokens' own last layer with --patch_head separate or ibot "
-                            "(default: --out_dim); ignored with the shared head.")
+                            "(default: --out_dim); refused with the shared head, which has no such layer.")
     group.add_argument("--matching", default="upstream", choices=MATCHING_MODES,
                        help="Patch matching rule: 'upstream' (the authors', one-to-one) or 'centre' "
                             "(the teacher patch containing each student patch's centre).")
@@ -122,10 +127,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "iBOT warms both up over 30).")
     group.add_argument("--warmup_teacher_patch_temp", default=0.04, type=float,
                        help="With --patch_head ibot: the patch tokens' teacher temperature at the start (iBOT's "
-                            "default). Ignored by the other heads, whose patches follow --warmup_teacher_temp.")
+                            "default). Refused with the other heads, whose patches follow --warmup_teacher_temp.")
     group.add_argument("--teacher_patch_temp", default=0.07, type=float,
                        help="With --patch_head ibot: the patch tokens' teacher temperature after warm-up (iBOT's "
-                            "default). Ignored by the other heads, whose patches follow --teacher_temp.")
+                            "default). Refused with the other heads, whose patches follow --teacher_temp.")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -163,9 +168,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "taps, see --patch_blur), sharpening (factor 2, p=0.5) and posterization (3 bits, "
                             "p=0.5), in a random order per tile. Geometry is unchanged.")
     group.add_argument("--patch_augment_p", default=1.0, type=float,
-                       help="Probability that a view (global or local) is patch-augmented, with --patch_augment.")
+                       help="Probability that a view (global or local) is patch-augmented, with --patch_augment "
+                            "true (refused without it).")
     group.add_argument("--patch_blur", default="authors", choices=list(PATCH_BLURS),
-                       help="Kernel of the tile blur, with --patch_augment true (no effect otherwise). authors: "
+                       help="Kernel of the tile blur, with --patch_augment true (refused without it). authors: "
                             "their image_to_patches.py GaussianBlur kernel_size (1, 5), in torchvision's (width, "
                             "height) order, so vertical only over 5 taps; isotropic: a square kernel up to 13x13 "
                             "taps (3 sigma), about twice the change per pixel (runs from before this option).")
@@ -190,12 +196,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "<output_dir>/checkpoint.pth does not exist; the file is only read. Training goes on "
                             "exactly as it did from there (log lines after it are redone) and writes checkpoint.pth, "
                             "which a rerun of the same command then continues from. Refused when checkpoint.pth "
-                            "exists but was not written by a run resumed from this file.")
+                            "exists but was not written by a run resumed from this file. Later periodic checkpoints "
+                            "in --output_dir that another lineage wrote (e.g. before a continuation with "
+                            "--allow_args_change) are never overwritten: they are moved into a superseded_<time> "
+                            "sub-folder, with copies of log.txt and args.json.")
     group.add_argument("--allow_args_change", action="store_true",
                        help="Resume even though arguments that decide the result (RESUME_CRITICAL_ARGS: model, "
                             "loss, schedules, crops, batch size, seed, epochs) or the number of images or "
                             "processes differ from the checkpoint's; the run is then no longer an exact "
-                            "continuation. Without it such a resume stops and lists the differences.")
+                            "continuation but a new lineage, recorded in <output_dir>/args_history.jsonl (start epoch, "
+                            "time, each changed setting's old and new value, the arguments). Without it such a resume "
+                            "stops and lists the differences.")
     group.add_argument("--strict_images", action="store_true",
                        help="Stop at the first unreadable (corrupt, truncated) image. By default it is reported "
                             "with its path, replaced by another image and counted (skipped_images in log.txt).")
@@ -210,7 +221,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def validate_args(args: argparse.Namespace) -> None:
     """Stop early, listing every argument that cannot work, with the fix named."""
     problems = (vits.check_backbone_args(args) + _count_problems(args) + _crop_problems(args)
-                + _optimisation_problems(args) + _path_problems(args))
+                + _optimisation_problems(args) + _ineffective_option_problems(args) + _path_problems(args))
     if problems:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
 
@@ -268,6 +279,38 @@ def _optimisation_problems(args: argparse.Namespace) -> list[str]:
     if args.warmup_teacher_temp_epochs > args.epochs:
         problems.append("--warmup_teacher_temp_epochs cannot exceed --epochs")
     return problems
+
+
+def _ineffective_option_problems(args: argparse.Namespace) -> list[str]:
+    """Options set away from their default in a run where they would do nothing, each with what it needs: a
+    silently ignored option makes a run look like what it is not. Default values are never refused."""
+    no_warmup = args.warmup_teacher_temp_epochs == 0
+    needs = [  # (option, whether it acts in this run, what it needs to act)
+        ("patch_out_dim", args.patch_head != "shared",
+         "--patch_head separate or ibot (the shared head gives patch tokens the CLS head's --out_dim prototypes)"),
+        ("patch_augment_p", args.patch_augment, "--patch_augment true"),
+        ("patch_blur", args.patch_augment, "--patch_augment true"),
+        ("warmup_teacher_patch_temp", args.patch_head == "ibot",
+         "--patch_head ibot (the other heads' patch tokens follow --warmup_teacher_temp)"),
+        ("teacher_patch_temp", args.patch_head == "ibot",
+         "--patch_head ibot (the other heads' patch tokens follow --teacher_temp)"),
+        ("cls_weight", args.patch_loss, "--patch_loss true (without patch tokens CLS is the whole loss)"),
+        ("matching", args.patch_loss, "--patch_loss true (without patch tokens nothing is matched)"),
+        ("loss_chunk_mib", uses_fused_loss(args),
+         "the fused loss (--fused_loss true, or auto with --patch_loss true)"),
+        # Without a warm-up the start value is never used; equal to the end value it changes nothing either way.
+        ("warmup_teacher_temp", not no_warmup or args.warmup_teacher_temp == args.teacher_temp,
+         f"--warmup_teacher_temp_epochs above 0 (without a warm-up training starts at --teacher_temp "
+         f"{args.teacher_temp})"),
+        ("warmup_teacher_patch_temp", args.patch_head != "ibot" or not no_warmup
+         or args.warmup_teacher_patch_temp == args.teacher_patch_temp,
+         f"--warmup_teacher_temp_epochs above 0 (without a warm-up the patch tokens start at --teacher_patch_temp "
+         f"{args.teacher_patch_temp})"),
+    ]
+    defaults = get_args_parser()
+    return [f"--{name} {getattr(args, name)} has no effect in this run: it needs {need}; set that, or leave "
+            f"--{name} out" for name, acts, need in needs
+            if not acts and getattr(args, name) != defaults.get_default(name)]
 
 
 def _path_problems(args: argparse.Namespace) -> list[str]:
@@ -568,6 +611,12 @@ class Trainer:
         self.stop_signals = utils.StopSignals()  # main installs it around the training loop
         self.stop_agreed = False  # under torchrun: a process had received a stop signal by the last step
         self.resumed_from: str | None = None  # the --resume_from file this run started from (kept in checkpoints)
+        # The run's line of descent, kept in its checkpoints: a resume with unchanged settings takes the
+        # checkpoint's; a fresh start or a change (--allow_args_change) begins a new one. Periodic checkpoints of
+        # another lineage are never overwritten (set_aside_other_lineages).
+        self.lineage: str | None = uuid.uuid4().hex[:12]
+        self.started_from: str | None = None  # the checkpoint this process resumed, if any
+        self.args_changes: dict[str, list] = {}  # the settings changed at that resume: {name: [checkpoint, now]}
         self.fused_loss = uses_fused_loss(args)
 
     def step(self, images: list[torch.Tensor], geometry: torch.Tensor, epoch: int, iteration: int,
@@ -731,12 +780,13 @@ RESUME_CRITICAL_ARGS = (
 
 def checkpoint_state(trainer: Trainer, point: ResumePoint) -> dict:
     """DINO's checkpoint layout (student, teacher, optimizer, epoch, args, dino_loss) plus ``iteration``,
-    ``epoch_metrics``, ``run`` (image and process counts) and ``resumed_from`` (the ``--resume_from`` file
-    the run started from, or None): ``epoch``/``iteration`` is the next step."""
+    ``epoch_metrics``, ``run`` (image and process counts), ``resumed_from`` (the ``--resume_from`` file
+    the run started from, or None) and ``lineage`` (``Trainer.lineage``): ``epoch``/``iteration`` is the next step."""
     state = {"student": trainer.student.state_dict(), "teacher": trainer.teacher.state_dict(),
              "optimizer": trainer.optimizer.state_dict(), "epoch": point.epoch, "iteration": point.iteration,
              "epoch_metrics": point.metrics, "args": vars(trainer.args), "run": trainer.run_facts,
-             "dino_loss": trainer.loss_fn.state_dict(), "resumed_from": trainer.resumed_from}
+             "dino_loss": trainer.loss_fn.state_dict(), "resumed_from": trainer.resumed_from,
+             "lineage": trainer.lineage}
     if trainer.scaler is not None:
         state["fp16_scaler"] = trainer.scaler.state_dict()
     return state
@@ -778,7 +828,10 @@ def restore_checkpoint(output_dir: Path, trainer: Trainer) -> ResumePoint:
     utils.require_keys(checkpoint, ("student", "teacher", "optimizer", "epoch", "dino_loss"), path,
                        "PW-Self training checkpoint", "move it away or choose another --output_dir")
     check_finite_checkpoint(checkpoint, path)
-    check_resume_args(checkpoint, trainer, path)
+    trainer.args_changes = check_resume_args(checkpoint, trainer, path)
+    if not trainer.args_changes:
+        trainer.lineage = checkpoint.get("lineage")  # None: written before lineages were recorded
+    trainer.started_from = str(path.resolve())
     trainer.resumed_from = (checkpoint.get("resumed_from") if path == output_dir / "checkpoint.pth"
                             else str(path.resolve()))
     utils.load_state_strict(trainer.student_module, utils.strip_prefixes(checkpoint["student"]), "student", path)
@@ -830,8 +883,7 @@ def refuse_fresh_start_over_history(output_dir: Path) -> None:
     checkpoint.pth (moved or deleted?): starting afresh would overwrite that history."""
     log = output_dir / "log.txt"
     lines = len(log.read_text().splitlines()) if log.is_file() else 0
-    numbered = (re.fullmatch(r"checkpoint(\d+)\.pth", path.name) for path in output_dir.glob("checkpoint*.pth"))
-    periodic = [output_dir / match[0] for match in sorted(filter(None, numbered), key=lambda match: int(match[1]))]
+    periodic = [path for _, path in periodic_checkpoints(output_dir)]
     if not (lines or periodic):
         return
     found = ([f"{log.name} with {lines} line(s)"] if lines else []) + (
@@ -841,6 +893,12 @@ def refuse_fresh_start_over_history(output_dir: Path) -> None:
     raise FileExistsError(f"{output_dir} holds {' and '.join(found)} of an earlier run but no checkpoint.pth (moved "
                           "or deleted?); starting afresh would overwrite them, so nothing was changed. "
                           f"{fix}. To start afresh, choose another --output_dir or move those files away.")
+
+
+def periodic_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of the periodic copies ``checkpoint{epoch:04}.pth`` in ``output_dir``, by epoch."""
+    numbered = (re.fullmatch(r"checkpoint(\d+)\.pth", path.name) for path in output_dir.glob("checkpoint*.pth"))
+    return sorted((int(match[1]), output_dir / match[0]) for match in numbered if match)
 
 
 def check_finite_checkpoint(checkpoint: dict, path: Path) -> None:
@@ -854,18 +912,24 @@ def check_finite_checkpoint(checkpoint: dict, path: Path) -> None:
                              "e.g. with a lower --lr and --allow_args_change.")
 
 
-def resume_differences(checkpoint: dict, args: argparse.Namespace, run_facts: dict[str, int]) -> list[str]:
-    """The result-deciding settings (``RESUME_CRITICAL_ARGS``, image and process counts) that differ
-    from the checkpoint's, one readable line each; settings the checkpoint does not record (nor
-    ``with_former_defaults``) are skipped."""
-    def same(a, b) -> bool:
-        return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+def changed_settings(checkpoint: dict, args: argparse.Namespace, run_facts: dict[str, int]) -> dict[str, list]:
+    """The result-deciding settings (``RESUME_CRITICAL_ARGS`` as ``--name``, image and process counts) that
+    differ from the checkpoint's: ``{setting: [checkpoint's value, value now]}``; settings the checkpoint does not
+    record (nor ``with_former_defaults``) are skipped."""
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
 
     saved_args, saved_facts = with_former_defaults(checkpoint.get("args", {})), checkpoint.get("run", {})
-    lines = [f"--{name}: checkpoint {saved_args[name]}, now {getattr(args, name)}" for name in RESUME_CRITICAL_ARGS
-             if name in saved_args and not same(saved_args[name], getattr(args, name))]
-    return lines + [f"{name}: checkpoint {saved_facts[name]}, now {value}" for name, value in run_facts.items()
-                    if name in saved_facts and saved_facts[name] != value]
+    changes = {f"--{name}": [plain(saved_args[name]), plain(getattr(args, name))] for name in RESUME_CRITICAL_ARGS
+               if name in saved_args and plain(saved_args[name]) != plain(getattr(args, name))}
+    return changes | {name: [saved_facts[name], value] for name, value in run_facts.items()
+                      if name in saved_facts and saved_facts[name] != value}
+
+
+def resume_differences(checkpoint: dict, args: argparse.Namespace, run_facts: dict[str, int]) -> list[str]:
+    """``changed_settings`` as readable lines, ``--lr: checkpoint 0.0005, now 0.001``."""
+    return [f"{name}: checkpoint {old}, now {new}"
+            for name, (old, new) in changed_settings(checkpoint, args, run_facts).items()]
 
 
 def with_former_defaults(saved_args: dict) -> dict:
@@ -877,18 +941,20 @@ def with_former_defaults(saved_args: dict) -> dict:
     return saved_args
 
 
-def check_resume_args(checkpoint: dict, trainer: Trainer, path: Path) -> None:
-    """Stop (or, with ``--allow_args_change``, warn) when resuming would not continue the same run."""
-    differences = resume_differences(checkpoint, trainer.args, trainer.run_facts)
-    if not differences:
-        return
-    listing = "\n  ".join(differences)
+def check_resume_args(checkpoint: dict, trainer: Trainer, path: Path) -> dict[str, list]:
+    """Stop (or, with ``--allow_args_change``, warn) when resuming would not continue the same run; returns
+    the changes allowed (``changed_settings``), empty for an exact continuation."""
+    changes = changed_settings(checkpoint, trainer.args, trainer.run_facts)
+    if not changes:
+        return changes
+    listing = "\n  ".join(resume_differences(checkpoint, trainer.args, trainer.run_facts))
     if not trainer.args.allow_args_change:
         raise ValueError(f"{path} was written by a run with other settings that decide the result:\n  {listing}\n"
                          "Rerun with the checkpoint's values, choose another --output_dir to start afresh, or pass "
                          "--allow_args_change to continue anyway (then not an exact continuation).")
     refuse_optimizer_changes(checkpoint.get("args", {}), trainer.args, path)
     print(f"warning: resuming {path} with changed settings (--allow_args_change):\n  {listing}", flush=True)
+    return changes
 
 
 # Arguments that change the optimizer's parameter groups or the kind of state it keeps.
@@ -978,16 +1044,75 @@ def claim_output_dir(output_dir: Path, held: contextlib.ExitStack) -> None:
 
 
 def start_or_resume(output_dir: Path, trainer: Trainer) -> ResumePoint:
-    """Restore the checkpoint to continue from; then, on rank 0, write args.json, write checkpoint.pth at
-    once when there is none (a fresh start or ``--resume_from``: log lines then never exist without it),
-    and drop the log lines it does not cover."""
+    """Restore the checkpoint to continue from; then, on rank 0, move aside what another lineage left from
+    there on, write args.json (and args_history.jsonl when the lineage changes), write checkpoint.pth at once
+    when there is none (a fresh start or ``--resume_from``: log lines then never exist without it), and drop
+    the log lines it does not cover."""
     resume = restore_checkpoint(output_dir, trainer)
     if utils.is_main_process():
+        set_aside_other_lineages(output_dir, trainer, resume)
         utils.write_text_atomic(json.dumps(vars(trainer.args), indent=2) + "\n", output_dir / "args.json")
+        record_lineage_start(output_dir, trainer, resume)
         if not (output_dir / "checkpoint.pth").exists():
             save_checkpoint(trainer, resume)
         utils.trim_epoch_log(output_dir / "log.txt", resume.epoch)
     return resume
+
+
+def set_aside_other_lineages(output_dir: Path, trainer: Trainer, resume: ResumePoint) -> None:
+    """Move the periodic checkpoints from epoch ``resume.epoch`` on that another lineage wrote (say, before this
+    run went back to an earlier checkpoint with other arguments) into a new sub-folder ``superseded_<time>``, with
+    copies of log.txt and args.json as they were: this run would overwrite them or mix its own among them.
+    Those of this lineage stay: this run rewrites them with the same weights."""
+    later = [path for epoch, path in periodic_checkpoints(output_dir) if epoch >= resume.epoch]
+    others = [path for path in later if not written_by_lineage(path, trainer.lineage)]
+    if not others:
+        return
+    folder = new_superseded_folder(output_dir)
+    kept = [name for name in ("log.txt", "args.json") if (output_dir / name).is_file()]
+    for name in kept:
+        utils.write_atomic(folder / name, lambda handle: handle.write((output_dir / name).read_bytes()))
+    for path in others:
+        path.replace(folder / path.name)
+    copies = f" and copies of {' and '.join(kept)}" if kept else ""
+    print(f"Moved {', '.join(path.name for path in others)} (of another lineage: other arguments or another "
+          f"start) to {folder}{copies}, so that this run, continuing from {trainer.started_from} at epoch "
+          f"{resume.epoch}, does not overwrite them", flush=True)
+
+
+def new_superseded_folder(output_dir: Path) -> Path:
+    """A new ``superseded_<time>`` folder in ``output_dir`` (``_2``, ``_3``, ... after it within one second)."""
+    stem = output_dir / f"superseded_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    for number in itertools.count(1):
+        folder = stem if number == 1 else stem.with_name(f"{stem.name}_{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def written_by_lineage(path: Path, lineage: str | None) -> bool:
+    """Whether the checkpoint at ``path`` belongs to ``lineage``; an unreadable one is taken as not."""
+    try:
+        return utils.load_checkpoint(path).get("lineage") == lineage
+    except (RuntimeError, OSError):
+        return False
+
+
+def record_lineage_start(output_dir: Path, trainer: Trainer, resume: ResumePoint) -> None:
+    """Append to ``args_history.jsonl`` one line per change of lineage in ``output_dir`` (a fresh start, a resume
+    with changed settings, a return to another lineage's checkpoint): from which epoch and iteration, when, from
+    which checkpoint, the settings changed ``{setting: [checkpoint's, now]}`` and all the arguments. Each line
+    holds until the next one; args.json holds the latest arguments only."""
+    history = output_dir / "args_history.jsonl"
+    lines = history.read_text().splitlines() if history.is_file() else []
+    if lines and json.loads(lines[-1])["lineage"] == trainer.lineage:
+        return  # the same run goes on
+    entry = {"start_epoch": resume.epoch, "start_iteration": resume.iteration,
+             "time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "lineage": trainer.lineage,
+             "from": trainer.started_from, "changed": trainer.args_changes, "args": vars(trainer.args)}
+    utils.write_text_atomic("".join(line + "\n" for line in lines) + json.dumps(entry) + "\n", history)
 
 
 def train(trainer: Trainer, loader: DataLoader, output_dir: Path, resume: ResumePoint) -> None:

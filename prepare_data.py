@@ -7,7 +7,9 @@
 Writes ``<output_dir>/train/<class>/<index>.png`` and ``<output_dir>/val/<class>/<index>.png``
 (the official test split becomes ``val``). ``--holdout N`` also moves the last N training images of
 every class into ``<output_dir>/holdout/`` (a tuning split, disjoint from ``train``): choose settings
-there, report on ``val``. A rerun rewrites the splits to exactly what it says. Sources:
+there, report on ``val``. A rerun rewrites the splits to exactly what it says. ``<output_dir>/.prepare_data.json``
+records what wrote the folder and, written last, ``"complete": true`` with the counts: a folder left by an
+interrupted run says ``"complete": false``, and a rerun writes it again. Sources:
 
 * ``fashion_mnist``: the IDX files of the Debian package ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``), or any folder holding ``train-images-idx3-ubyte.gz`` etc.
@@ -49,7 +51,7 @@ SCENE_FOLDER = "VOC2012"  # the scene set's VOC-layout folder, written beside th
 VISIBLE_LEVEL = 16
 IGNORE_LABEL = 255
 HOLDOUT_GARMENTS = 10000  # scene holdout canvases take garments from the last 10,000 training images, train the rest
-MARKER = ".prepare_data.json"  # records what wrote the folder, so that a rerun may replace it
+MARKER = ".prepare_data.json"  # what wrote the folder (so that a rerun may replace it), and whether it finished
 CIFAR_ARCHIVES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
                   "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python")}
 # What gzip, tarfile and zlib raise on a truncated or foreign file.
@@ -258,18 +260,49 @@ def split_selections(splits: dict, limit: int | None, holdout: int) -> dict:
     return selections
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Before reading anything: refuse an ``--output_dir`` that cannot be written, one holding splits this script
+    did not write, or split entries that are not plain folders (a symlink would be written through, a file
+    could not be replaced)."""
+    utils.check_output_dir(output_dir, "--output_dir")
+    present = [output_dir / split for split in (*SPLITS, SCENE_FOLDER)
+               if (output_dir / split).exists() or (output_dir / split).is_symlink()]
+    if present and not (output_dir / MARKER).is_file():
+        raise FileExistsError(f"{output_dir} already holds {', '.join(path.name for path in present)} not written "
+                              "by prepare_data.py: choose an empty or new --output_dir (nothing was changed)")
+    odd = [f"{path} is a symbolic link to {path.readlink()}" if path.is_symlink() else f"{path} is a file"
+           for path in present if path.is_symlink() or not path.is_dir()]
+    if odd:
+        raise FileExistsError(f"{'; '.join(odd)}: prepare_data.py rewrites its splits as plain folders inside "
+                              f"--output_dir, and would write through a link into the folder it points to. Remove "
+                              f"{'them' if len(odd) > 1 else 'it'} (rm, which leaves a link's target alone), or "
+                              "choose another --output_dir; nothing was changed")
+
+
 def prepare_output_dir(output_dir: Path, record: dict) -> None:
-    """Clear the splits an earlier run of this script wrote; refuse a non-empty folder it did not write."""
+    """Clear the splits an earlier run of this script wrote (``check_output_dir`` came first), and mark the
+    folder as being written: ``complete`` false until ``finish_output_dir``."""
     marker = output_dir / MARKER
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not marker.is_file():
-        present = [split for split in (*SPLITS, SCENE_FOLDER) if (output_dir / split).exists()]
-        if present:
-            raise FileExistsError(f"{output_dir} already holds {', '.join(present)} not written by prepare_data.py: "
-                                  "choose an empty or new --output_dir (nothing was changed)")
+    if marker.is_file() and not is_complete(marker):
+        print(f"{output_dir} was left incomplete by an interrupted prepare_data.py run; writing it again")
     for split in (*SPLITS, SCENE_FOLDER):
         shutil.rmtree(output_dir / split, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(record, indent=2) + "\n")
+    utils.write_text_atomic(json.dumps({**record, "complete": False}, indent=2) + "\n", marker)
+
+
+def is_complete(marker: Path) -> bool:
+    """Whether a folder's record says it was written to the end (records from before it was kept say nothing)."""
+    try:
+        return json.loads(marker.read_text()).get("complete", True)
+    except ValueError:  # torn by a kill while an older version wrote it non-atomically
+        return False
+
+
+def finish_output_dir(output_dir: Path, record: dict, counts: dict[str, int]) -> None:
+    """The last write: the record saying that every split is complete, with its counts (atomically)."""
+    utils.write_text_atomic(json.dumps({**record, "complete": True, "written": counts}, indent=2) + "\n",
+                            output_dir / MARKER)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +409,7 @@ def main(args: argparse.Namespace) -> dict[str, int]:
     scenes = args.dataset == "fashion_mnist_scenes"
     if scenes:
         validate_scene_args(args)
+    check_output_dir(args.output_dir)
     source = resolve_source(args)
     if args.dataset in ("fashion_mnist", "fashion_mnist_scenes"):
         splits, class_names = read_fashion_mnist(source)
@@ -393,6 +427,7 @@ def main(args: argparse.Namespace) -> dict[str, int]:
     else:
         counts = {split: write_split(*splits[source_split], class_names, args.output_dir / split, choose)
                   for split, (source_split, choose) in selections.items()}
+    finish_output_dir(args.output_dir, record, counts)
     written = ", ".join(f"{count} {split}" for split, count in counts.items())
     kind = f"canvases ({args.canvas_size} px) with masks" if scenes else f"images in {len(class_names)} classes"
     print(f"{args.dataset}: wrote {written} {kind} to {args.output_dir}")

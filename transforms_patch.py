@@ -254,7 +254,7 @@ class MultiCropAugmentation:
 
     def __call__(self, image: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
         if image.mode != "RGB":
-            image = image.convert("RGB")
+            image = utils.to_rgb(image)  # as utils.read_rgb_image: 16-bit grayscale scaled, not clipped to white
         views, geometries = [], []
         for crop, photometric in self.pipelines():
             view, geometry = self.flip(*crop(image))
@@ -348,18 +348,20 @@ def side_by_side(panels: dict[str, Image.Image], margin: int = 8, caption: int =
 
 def main(args: argparse.Namespace) -> Path:
     check_tiling((1, 3, args.size, args.size), args.patch_size)
+    utils.check_output_file(args.output, "--output")
     if not args.image.is_file():
         raise FileNotFoundError(f"image {args.image} not found; pass --image PATH to a photo")
-    image = Image.open(args.image).convert("RGB")
+    image = utils.read_rgb_image(args.image)
     torch.manual_seed(args.seed)
     crop, flip = RandomResizedCropWithGeometry(args.size, (0.4, 1.0)), RandomHorizontalFlipWithGeometry(p=0.5)
     view, geometry = flip(*crop(image))
     before = TF.pil_to_tensor(view)
     after = PatchPhotometric(args.patch_size, blur=args.patch_blur)(before[None])[0]
-    side_by_side({f"view ({args.size} px)": with_tile_grid(before, args.patch_size),
-                  f"patch-augmented ({args.patch_size} px tiles, {args.patch_blur} blur)":
-                      with_tile_grid(after, args.patch_size)}
-                 ).save(args.output, optimize=True)
+    drawing = side_by_side({f"view ({args.size} px)": with_tile_grid(before, args.patch_size),
+                            f"patch-augmented ({args.patch_size} px tiles, {args.patch_blur} blur)":
+                                with_tile_grid(after, args.patch_size)})
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    utils.save_image(drawing, args.output, optimize=True)
     print(f"view {geometry}; wrote {args.output} ({args.output.stat().st_size / 1000:.0f} kB)")
     return args.output
 

@@ -347,18 +347,24 @@ def build_backbone(args, img_size: int = 224, drop_path_rate: float = 0.0) -> Vi
                             **size_overrides(args))
 
 
-def backbone_state_dict(checkpoint: dict, checkpoint_key: str = "teacher") -> dict:
+def backbone_state_dict(checkpoint: dict, checkpoint_key: str = "teacher", source: str = "this checkpoint") -> dict:
     """The backbone weights inside a checkpoint, with wrapper prefixes and head weights removed.
 
     Accepts a full training checkpoint (ours or DINO's: weights under ``checkpoint_key``), or a
-    backbone-only state dict in DINO or timm layout; strips ``module.`` and ``backbone.``.
+    backbone-only state dict in DINO or timm layout; strips ``module.`` and ``backbone.``. Any other layout
+    with nested entries (DeiT's or MAE's ``{"model": ...}``, a wrong ``--checkpoint_key``) stops with one line
+    naming ``source`` and the entries that hold tensors, each a possible ``--checkpoint_key``.
     """
-    if checkpoint_key in checkpoint and isinstance(checkpoint[checkpoint_key], dict):
+    if isinstance(checkpoint.get(checkpoint_key), dict):
         checkpoint = checkpoint[checkpoint_key]
     elif any(isinstance(value, dict) for value in checkpoint.values()):
-        nested = [key for key, value in checkpoint.items() if isinstance(value, dict)]
-        raise KeyError(f"no '{checkpoint_key}' weights in this checkpoint; it holds {nested}: pass one of "
-                       f"them with --checkpoint_key")
+        weights = [str(key) for key, value in checkpoint.items()
+                   if isinstance(value, dict) and any(torch.is_tensor(tensor) for tensor in value.values())]
+        fix = (f"pass one of them with --checkpoint_key (e.g. --checkpoint_key {weights[0]})" if weights else
+               "it holds no backbone weights: point --pretrained_weights to a training checkpoint or a state dict")
+        raise ValueError(f"no '{checkpoint_key}' weights (--checkpoint_key {checkpoint_key}) in {source}: its entries "
+                         f"are {', '.join(map(str, checkpoint))}; those holding weights: {', '.join(weights) or 'none'}"
+                         f"; {fix}")
     stripped = utils.strip_prefixes(checkpoint, ("module.", "backbone."))
     # Drop DINO's projection head (with iBOT's second last layer, head.last_layer2, of --patch_head ibot), a separate
     # patch head (patch_head.*, --patch_head separate) and timm's classifier.
@@ -375,7 +381,7 @@ def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key:
     """
     path = resolve_weights_path(path)
     checkpoint = utils.load_checkpoint(path, what="weights")
-    state = backbone_state_dict(checkpoint, checkpoint_key)
+    state = backbone_state_dict(checkpoint, checkpoint_key, source=str(path))
     _raise_on_non_finite(state, checkpoint, path)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         model.set_native_grid(state["pos_embed"].shape[1] - 1)

@@ -7,7 +7,8 @@
 
 For each image, resized by ``--image_size`` and cropped at the right and bottom to whole patches (as DINO
 does), the attention of the CLS token to every patch in the last block is drawn per head. Written to
-``--output_dir`` (for a folder of images, one sub-folder per image, named after the file):
+``--output_dir`` (for a folder of images, one sub-folder per image named by its full file name, e.g.
+``photo.jpg/``, so that ``a.jpg`` and ``a.png`` keep apart):
 
 * ``img.png``: the image as the model saw it (resized and cropped);
 * ``attn-head{h}.png``: head h's CLS-to-patch attention, one value per patch, enlarged to the image
@@ -92,12 +93,19 @@ def list_inputs(image_path: str | Path) -> list[Path]:
 
 def output_folders(images: list[Path], output_dir: str | Path, single_file: bool) -> list[Path]:
     """Where each image's PNGs go: ``output_dir`` for a single file, else one sub-folder per image named by its
-    stem (by its full name where two images share a stem, e.g. ``a.jpg`` and ``a.png``)."""
+    full file name (``a.png/``, ``a.png.png/``, ``a.jpg/``): unique, as the names in one folder are."""
     root = Path(output_dir)
-    if single_file:
-        return [root]
-    stems = [path.stem for path in images]
-    return [root / (path.stem if stems.count(path.stem) == 1 else path.name) for path in images]
+    return [root] if single_file else [root / path.name for path in images]
+
+
+def check_outputs(images: list[Path], folders: list[Path], args: argparse.Namespace) -> None:
+    """Stop before the model is built when an output folder or ``--output_json`` cannot be written (a file in
+    the way, such as an input image where its own folder would go; a read-only or full disk). Creates nothing."""
+    utils.check_output_dir(args.output_dir, "--output_dir")
+    for image, folder in zip(images, folders):
+        utils.check_output_dir(folder, f"the output folder of {image.name}")
+    if args.output_json:
+        utils.check_output_file(args.output_json, "--output_json")
 
 
 def prepare_image(path: str | Path, image_size: list[int], patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,13 +227,14 @@ def save_outputs(folder: Path, pixels: torch.Tensor, maps: torch.Tensor, masks: 
     """
     folder.mkdir(parents=True, exist_ok=True)
     image = pixels.permute(1, 2, 0).numpy()
-    Image.fromarray(image).save(folder / "img.png")
+    utils.save_image(Image.fromarray(image), folder / "img.png")
     big_maps = enlarge(maps.numpy().transpose(1, 2, 0), patch_size).transpose(2, 0, 1)
     big_masks = enlarge(masks.numpy().transpose(1, 2, 0), patch_size).transpose(2, 0, 1)
     for head, (head_map, head_mask) in enumerate(zip(big_maps, big_masks)):
-        Image.fromarray(colour_map(head_map)).save(folder / f"attn-head{head}.png")
-        Image.fromarray(head_mask.astype(np.uint8) * 255).save(folder / f"mask-head{head}.png")
-    render_figure(image, big_maps, big_masks, mass_kept, threshold, title).savefig(folder / "attention.png")
+        utils.save_image(Image.fromarray(colour_map(head_map)), folder / f"attn-head{head}.png")
+        utils.save_image(Image.fromarray(head_mask.astype(np.uint8) * 255), folder / f"mask-head{head}.png")
+    figure = render_figure(image, big_maps, big_masks, mass_kept, threshold, title)
+    utils.write_atomic(folder / "attention.png", lambda handle: figure.savefig(handle, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +264,7 @@ def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     images = list_inputs(args.image_path)
     folders = output_folders(images, args.output_dir, Path(args.image_path).is_file())
+    check_outputs(images, folders, args)
     device = utils.resolve_device(args.device)
     native = max(args.image_size) // args.patch_size * args.patch_size  # random weights are built for this size
     model = vits.build_frozen_backbone(args, img_size=native).to(device)

@@ -95,7 +95,7 @@ def test_script_on_a_folder_with_trained_weights(trained_checkpoint, tmp_path):
         write_image(folder / name, seed=seed)
     result = va.main(parse("--pretrained_weights", str(trained_checkpoint), "--image_path", str(folder),
                            "--image_size", "16", "24", "--threshold", "0.3", "--output_dir", str(tmp_path / "out")))
-    assert [Path(entry["output_dir"]).name for entry in result["images"]] == ["a", "b.jpg", "b.png"]
+    assert [Path(entry["output_dir"]).name for entry in result["images"]] == ["a.png", "b.jpg", "b.png"]
     assert all(entry["size"] == [16, 24] and entry["grid"] == [4, 6] for entry in result["images"])
     assert all((Path(entry["output_dir"]) / "attention.png").is_file() for entry in result["images"])
     assert result["weights"] == str(trained_checkpoint) and result["threshold"] == 0.3
@@ -127,3 +127,29 @@ def test_missing_and_empty_inputs_are_named(tmp_path):
         va.main(parse("--random_init", "--image_path", str(tmp_path / "empty")))
     with pytest.raises(ValueError, match=r"give either --pretrained_weights PATH or --random_init"):
         va.main(parse("--image_path", str(write_image(tmp_path / "photo.png"))))
+
+
+def test_every_image_of_a_folder_gets_its_own_output_folder(tmp_path):
+    folder, output = tmp_path / "images", tmp_path / "out"
+    for name, seed in (("a.jpg", 0), ("a.png", 1), ("a.png.png", 2)):  # stems a, a and a.png
+        write_image(folder / name, seed=seed)
+    result = va.main(parse("--random_init", "--image_path", str(folder), "--image_size", "16", "--output_dir",
+                           str(output)))
+    written = [Path(entry["output_dir"]) for entry in result["images"]]
+    assert [path.name for path in written] == ["a.jpg", "a.png", "a.png.png"]
+    assert sorted(path.name for path in output.iterdir()) == ["a.jpg", "a.png", "a.png.png"]
+    for entry, seed in zip(result["images"], (0, 1, 2)):  # each folder holds its own image, none overwritten
+        pixels, _ = va.prepare_image(entry["image"], [16], 4)
+        assert np.array_equal(np.array(Image.open(Path(entry["output_dir"]) / "img.png")),
+                              pixels.permute(1, 2, 0).numpy())
+        assert Path(entry["image"]).name == Path(entry["output_dir"]).name
+
+
+def test_an_input_image_where_an_output_folder_would_go_is_refused_before_any_work(tmp_path):
+    folder = tmp_path / "images"
+    write_image(folder / "a.png")
+    with pytest.raises(NotADirectoryError, match=r"the output folder of a.png .*images/a.png cannot be a folder: "
+                                                 r".*images/a.png is a file"):
+        va.main(parse("--random_init", "--image_path", str(folder), "--image_size", "16", "--output_dir",
+                      str(folder)))
+    assert [path.name for path in folder.iterdir()] == ["a.png"]

@@ -369,3 +369,16 @@ def test_default_protocol_cuts_the_query_like_a_local_view_and_records_it(random
     assert ec.settings_of(args)["query_size"] == 8
     old = ec.ViewPairSampler.from_args(parse("--query_scale", "0.2", "0.6", *EQUAL_VIEWS))
     assert ec.build_view_pairs(ec.select_images(random_images, 2, seed=0), old).query.shape[-1] == 16
+
+
+def test_unwritable_outputs_are_named_before_the_model_is_built(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way\n")
+    (tmp_path / "data").mkdir()
+    missing = ("--pretrained_weights", str(tmp_path / "missing.pth"), "--data_path", str(tmp_path / "data"))
+    with pytest.raises(NotADirectoryError, match=r"the folder of --output_json .*a_file/c.json .*a_file cannot be a folder"):
+        ec.main(parse(*missing, "--output_json", str(blocker / "c.json")))
+    with pytest.raises(NotADirectoryError, match=r"the folder of --visualize N DIR .*a_file/figures cannot be a "
+                                                 r"folder: .*a_file is a file"):
+        ec.main(parse(*missing, "--visualize", "2", str(blocker / "figures")))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "data"]

@@ -169,7 +169,7 @@ def test_wrong_arch_or_missing_weights_are_named(tmp_path, dataset_and_checkpoin
     with pytest.raises(RuntimeError, match="cannot read weights .*junk.pth"):
         vits.load_pretrained_weights(tiny_backbone(), str(tmp_path / "junk.pth"))
     torch.save({"model": {}, "other": {}}, tmp_path / "keys.pth")
-    with pytest.raises(KeyError, match="no 'teacher' weights.*--checkpoint_key"):
+    with pytest.raises(ValueError, match="no .teacher. weights.*--checkpoint_key"):
         vits.load_pretrained_weights(tiny_backbone(), str(tmp_path / "keys.pth"))
 
 
@@ -214,15 +214,17 @@ def test_linear_script_trains_resumes_and_evaluates(dataset_and_checkpoint, tmp_
                           "--n_last_blocks", "1", "--avgpool_patchtokens", "true", "--batch_size_per_gpu", "4",
                           "--lrs", "0.01", "0.1", "--output_dir", str(tmp_path / "linear")]
     parser = eval_linear.get_args_parser()
-    eval_linear.main(parser.parse_args(common + ["--epochs", "1"]))
-    best = eval_linear.main(parser.parse_args(common + ["--epochs", "2"]))  # resumes at epoch 1
+    first = eval_linear.main(parser.parse_args(common + ["--epochs", "2"]))
+    best = eval_linear.main(parser.parse_args(common + ["--epochs", "2"]))  # resumes at epoch 2: nothing left
     log = [json.loads(line) for line in (tmp_path / "linear" / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in log] == [0, 1] and set(log[1]["train_loss"]) == {"0.01", "0.1"}
-    assert "Resumed linear heads" in capsys.readouterr().out
+    assert "Resumed linear heads" in capsys.readouterr().out and best == first
+    with pytest.raises(ValueError, match=r"--epochs 2 there, 3 now"):  # another schedule is another run
+        eval_linear.main(parser.parse_args(common + ["--epochs", "3"]))
     evaluated = eval_linear.main(parser.parse_args(common + ["--epochs", "2", "--evaluate"]))
     assert evaluated["lr"] in (0.01, 0.1) and 0 <= evaluated["top1"] <= 100 and best["top1"] >= evaluated["top1"]
     assert final_line(capsys.readouterr().out)["eval"] == "linear"
-    with pytest.raises(ValueError, match="learning rates"):
+    with pytest.raises(ValueError, match=r"--lrs \[0\.01, 0\.1\] there, \[0\.5\] now"):
         eval_linear.main(parser.parse_args(common[:-5] + ["--lrs", "0.5", "--output_dir", str(tmp_path / "linear"),
                                                           "--epochs", "2"]))
     random = eval_linear.main(eval_linear.get_args_parser().parse_args(

@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 import patch_matching
+import utils
 from conftest import random_geometries
+from test_transforms_patch import write_16_bit_gradient
 from patch_matching import floor_linspace, match_patches, match_patches_batched, pairs_from_map
 from transforms_patch import RandomHorizontalFlipWithGeometry, RandomResizedCropWithGeometry, ViewGeometry
 
@@ -221,3 +223,30 @@ def test_demo_rejects_missing_image_and_bad_patch_size(tmp_path):
         patch_matching.main(parser.parse_args(["--image", str(tmp_path / "missing.png")]))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         patch_matching.main(parser.parse_args(["--patch_size", "20"]))
+
+
+def test_demo_reads_16_bit_images_and_checks_its_output_first(tmp_path):
+    path, output = write_16_bit_gradient(tmp_path / "deep.png"), tmp_path / "out" / "result.png"
+    parser = patch_matching.get_args_parser()
+    sizes = ["--global_size", "64", "--local_size", "32", "--patch_size", "32"]  # 2 x 2 teacher patches, 1 student
+    teacher, _ = patch_matching.main(parser.parse_args(["--image", str(path), "--output", str(output), *sizes]))
+    torch.manual_seed(8)  # the demo's default --seed
+    (view, _), _ = patch_matching.draw_views(utils.read_rgb_image(path), 64, 32, (0.4, 1.0), (0.05, 0.4))
+    zoomed = view.resize((128, 128), Image.NEAREST)
+    with Image.open(output) as drawing:
+        drawn = drawing.convert("RGB")
+    unmatched = sorted({1, 2, 3, 4} - set(teacher))
+    assert unmatched
+    for token in unmatched:  # a patch without a match is drawn as is: compare its corner away from number and grid
+        row, col = divmod(token - 1, 2)
+        box = (64 * col + 32, 64 * row + 32, 64 * col + 60, 64 * row + 60)
+        corner = drawn.crop((12 + box[0], 28 + box[1], 12 + box[2], 28 + box[3]))
+        assert corner.tobytes() == zoomed.crop(box).tobytes()
+    assert zoomed.convert("L").getextrema()[0] < 200  # the view is the gradient, not white
+    (tmp_path / "a_file").write_text("")
+    missing = ["--image", str(tmp_path / "missing.png")]  # the output is checked before the image is read
+    with pytest.raises(IsADirectoryError, match=rf"--output {tmp_path} is a folder; give a file name"):
+        patch_matching.main(parser.parse_args(missing + ["--output", str(tmp_path)]))
+    with pytest.raises(NotADirectoryError, match=r"--output .*a_file/x.png .*a_file cannot be a "
+                                                 r"folder: .*a_file is a file"):
+        patch_matching.main(parser.parse_args(missing + ["--output", str(tmp_path / "a_file" / "x.png")]))

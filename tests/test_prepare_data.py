@@ -1,15 +1,22 @@
 """prepare_data.py on miniature Fashion-MNIST (IDX) and CIFAR (python archive) files made here."""
 import gzip
 import io
+import json
+import os
 import pickle
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import prepare_data
-from conftest import write_mini_fashion_mnist
+from conftest import ROOT, write_mini_fashion_mnist
 
 
 @pytest.fixture
@@ -119,6 +126,48 @@ def test_rerun_with_a_smaller_limit_leaves_exactly_the_new_selection(mini_fashio
     counts = prepare_data.main(parse(*common, "--limit_per_class", "1"))
     on_disk = {split: len(list((tmp_path / split).rglob("*.png"))) for split in ("train", "val")}
     assert counts == on_disk == {"train": 10, "val": 10}
+
+
+def test_a_run_killed_mid_write_is_marked_incomplete_and_written_again(tmp_path, capsys):
+    source, out = write_mini_fashion_mnist(tmp_path / "fmnist", train=4000, test=10), tmp_path / "out"
+    command = [sys.executable, "prepare_data.py", "--dataset", "fashion_mnist", "--source", str(source),
+               "--output_dir", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("train/*/*.png"))) < 20:  # well into the 4000 training images
+            assert process.poll() is None and time.monotonic() < deadline, "prepare_data.py ended before the kill"
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert json.loads((out / prepare_data.MARKER).read_text())["complete"] is False
+    capsys.readouterr()
+    counts = prepare_data.main(parse(*command[2:]))
+    assert "left incomplete by an interrupted prepare_data.py run; writing it again" in capsys.readouterr().out
+    record = json.loads((out / prepare_data.MARKER).read_text())
+    assert record["complete"] is True and record["written"] == counts == {"train": 4000, "val": 10}
+    assert {split: len(list(out.glob(f"{split}/*/*.png"))) for split in counts} == counts
+
+
+def test_symlinked_splits_and_unwritable_output_dirs_are_refused_first(mini_fashion_mnist, tmp_path):
+    common = ("--dataset", "fashion_mnist", "--source", str(mini_fashion_mnist), "--limit_per_class", "1")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    prepare_data.main(parse(*common, "--output_dir", str(out)))
+    elsewhere.mkdir()
+    (elsewhere / "keep.png").write_bytes(b"mine")
+    shutil.rmtree(out / "train")
+    (out / "train").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError, match=rf"{out / 'train'} is a symbolic link to {elsewhere}: .*would write "
+                                              r"through a link.*Remove it .*nothing was changed"):
+        prepare_data.main(parse(*common, "--output_dir", str(out)))
+    assert [path.name for path in elsewhere.iterdir()] == ["keep.png"] and (out / "val").is_dir()
+    (tmp_path / "a_file").write_text("")
+    for output_dir in (tmp_path / "a_file", tmp_path / "a_file" / "out"):  # refused before reading the source
+        with pytest.raises(NotADirectoryError, match=rf"--output_dir {output_dir} cannot be a folder: .*a_file is "
+                                                     "a file"):
+            prepare_data.main(parse("--dataset", "fashion_mnist", "--source", str(tmp_path / "missing"),
+                                    "--output_dir", str(output_dir)))
 
 
 # ----------------------------------------------------------------------------------------------

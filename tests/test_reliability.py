@@ -166,7 +166,8 @@ def test_full_disk_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatc
     monkeypatch.undo()
     assert (output / "checkpoint.pth").read_bytes() == before["bytes"]
     assert next_step(output / "checkpoint.pth") == (0, 2)
-    assert sorted(p.name for p in output.iterdir()) == ["args.json", "checkpoint.pth", "log.txt"]  # no temporary
+    assert sorted(p.name for p in output.iterdir()) == ["args.json", "args_history.jsonl", "checkpoint.pth",
+                                                    "log.txt"]  # no temporary
 
 
 def test_non_finite_weights_are_never_saved(reference, tmp_path, monkeypatch):
@@ -198,7 +199,8 @@ def test_full_disk_on_a_real_file_system_keeps_the_previous_checkpoint(reference
                                           r"\(if any\) is intact; free disk space \(0\.\d MiB free there\)"):
             main(parse(data, disk / "run", *RUN))
         assert next_step(disk / "run" / "checkpoint.pth") == (0, 0)  # the first one, whole
-        assert sorted(p.name for p in (disk / "run").iterdir()) == ["args.json", "checkpoint.pth"]  # no temporary
+        assert sorted(p.name for p in (disk / "run").iterdir()) == ["args.json", "args_history.jsonl",
+                                                            "checkpoint.pth"]  # no temporary
 
 
 def test_folder_lock_names_its_holder_and_goes_away(tmp_path):

@@ -31,8 +31,8 @@ def image_folder(tmp_path):
 def test_two_epoch_run_writes_outputs(image_folder, tmp_path, capsys):
     output = tmp_path / "run"
     main(parse(image_folder, output, "--epochs", "2", "--saveckp_freq", "1"))
-    assert sorted(p.name for p in output.iterdir()) == ["args.json", "checkpoint.pth", "checkpoint0000.pth",
-                                                        "checkpoint0001.pth", "log.txt"]
+    assert sorted(p.name for p in output.iterdir()) == ["args.json", "args_history.jsonl", "checkpoint.pth",
+                                                        "checkpoint0000.pth", "checkpoint0001.pth", "log.txt"]
     assert json.loads((output / "args.json").read_text())["arch"] == "vit_tiny"
     lines = [json.loads(line) for line in (output / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1]

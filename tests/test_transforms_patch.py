@@ -6,6 +6,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+import patch_wise_dino
+import transforms_patch
+import utils
 from transforms_patch import (MultiCropAugmentation, RandomGaussianBlur, RandomHorizontalFlipWithGeometry,
                               RandomResizedCropWithGeometry, ViewGeometry, collate_multicrop)
 
@@ -207,3 +210,50 @@ def test_box_distribution_is_torchvisions():
     for height, width in ((10, 1000), (1000, 10), (50, 60)):  # no box fits: torchvision's centred fallback
         fallback = transforms.RandomResizedCrop.get_params(noise_image(width, height), (1.0, 1.0), (0.99, 1.0))
         assert RandomResizedCropWithGeometry(8, scale=(1.0, 1.0), ratio=(0.99, 1.0)).draw_box(height, width) == fallback
+
+
+# ----------------------------------------------------------------------------------------------
+# 16-bit images, and the drawing script's output.
+# ----------------------------------------------------------------------------------------------
+def write_16_bit_gradient(path, width=96, height=80):
+    """A 16-bit grayscale PNG (PIL mode I;16) whose values rise from 0 to 65535 across it; returns the path."""
+    values = np.linspace(0, 65535, width * height).reshape(height, width).astype(np.uint16)
+    Image.fromarray(values).save(path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I") and image.getextrema()[1] > 255
+    return path
+
+
+def test_16_bit_images_reach_the_training_views_as_read_rgb_image_reads_them(tmp_path):
+    path = write_16_bit_gradient(tmp_path / "deep.png")
+    expected = utils.read_rgb_image(path)
+    assert np.asarray(expected).mean() < 200  # scaled to 8 bits, not clipped to white
+    augmentation = MultiCropAugmentation(local_crops_number=1, global_crops_size=16, local_crops_size=8,
+                                         photometric=False)
+    with utils.seeded_cpu_rng(3):
+        reference, reference_geometry = augmentation(expected)
+    with Image.open(path) as image, utils.seeded_cpu_rng(3):
+        views, geometry = augmentation(image)  # an image not read by utils.read_rgb_image
+    assert torch.equal(geometry, reference_geometry) and all(map(torch.equal, views, reference))
+    (sample, _), replaced = patch_wise_dino.TrainingImages([path], augmentation)[(0, 3)]
+    assert replaced == 0 and all(map(torch.equal, sample, reference))
+
+
+def test_drawing_reads_16_bit_images_and_checks_its_output_first(tmp_path):
+    path, output = write_16_bit_gradient(tmp_path / "deep.png"), tmp_path / "out" / "drawing.png"
+    parse = transforms_patch.get_args_parser().parse_args
+    transforms_patch.main(parse(["--image", str(path), "--output", str(output), "--size", "32", "--patch_size", "8"]))
+    torch.manual_seed(0)
+    crop, flip = RandomResizedCropWithGeometry(32, (0.4, 1.0)), RandomHorizontalFlipWithGeometry(p=0.5)
+    view, _ = flip(*crop(utils.read_rgb_image(path)))
+    expected = np.asarray(transforms_patch.with_tile_grid(transforms.functional.pil_to_tensor(view), 8))
+    with Image.open(output) as drawing:
+        panel = np.asarray(drawing.convert("RGB"))[16:16 + expected.shape[0], 8:8 + expected.shape[1]]
+    assert np.array_equal(panel, expected)  # the left panel: the view as read_rgb_image reads the file
+    (tmp_path / "a_file").write_text("")
+    missing = ["--image", str(tmp_path / "missing.png")]  # the output is checked before the image is read
+    with pytest.raises(IsADirectoryError, match=rf"--output {tmp_path} is a folder; give a file name"):
+        transforms_patch.main(parse(missing + ["--output", str(tmp_path)]))
+    with pytest.raises(NotADirectoryError, match=r"--output .*a_file/x.png .*a_file cannot be a "
+                                                 r"folder: .*a_file is a file"):
+        transforms_patch.main(parse(missing + ["--output", str(tmp_path / "a_file" / "x.png")]))

@@ -257,17 +257,19 @@ def test_statistics_are_davis():
 # ----------------------------------------------------------------------------------------------
 # The script on a synthetic DAVIS folder.
 # ----------------------------------------------------------------------------------------------
-def write_davis(root: Path, name: str = "square", annotate: str = "all", frames: int = 5, **video) -> Path:
-    """A DAVIS-layout folder with one synthetic video (JPEG frames, indexed PNG masks) listed in val.txt."""
-    images, masks = synthetic_video(frames=frames, step=PATCH, **video)
+def write_davis(root: Path, name: str = "square", annotate: str = "all", frames: int = 5, stem: str = "{:05d}",
+                step: int = PATCH, **video) -> Path:
+    """A DAVIS-layout folder with one synthetic video (JPEG frames, indexed PNG masks) listed in val.txt; frame i
+    is ``stem.format(i)``."""
+    images, masks = synthetic_video(frames=frames, step=step, **video)
     frame_folder = root / "JPEGImages" / "480p" / name
     mask_folder = root / "Annotations" / "480p" / name
     frame_folder.mkdir(parents=True)
     mask_folder.mkdir(parents=True)
     for index, (image, mask) in enumerate(zip(images, masks)):
-        Image.fromarray(image).save(frame_folder / f"{index:05d}.jpg", quality=95)
+        Image.fromarray(image).save(frame_folder / f"{stem.format(index)}.jpg", quality=95)
         if annotate == "all" or (annotate == "first" and index == 0):
-            utils.write_indexed_png(mask_folder / f"{index:05d}.png", mask)
+            utils.write_indexed_png(mask_folder / f"{stem.format(index)}.png", mask)
     sets = root / "ImageSets" / "2017"
     sets.mkdir(parents=True, exist_ok=True)
     with open(sets / "val.txt", "a") as listing:
@@ -361,8 +363,79 @@ def test_a_first_mask_without_objects_and_colour_masks_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"video square: the first mask .* holds no object"):
         ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(tmp_path / "out")))
     Image.new("RGB", (SIZE, SIZE)).save(first)
-    with pytest.raises(ValueError, match=r"00000.png is a RGB image; annotations must be indexed"):
+    with pytest.raises(ValueError, match=r"square are colour images \(00000.png \(RGB\)\); annotations must be "
+                                         r"indexed .* map each colour to its id"):
         ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(tmp_path / "out")))
+
+
+def test_unpadded_frame_names_are_propagated_in_numeric_order(tmp_path):
+    # 0.jpg ... 11.jpg sort as 0, 1, 10, 11, 2, ... by name: the order must be the numbers', as when padded.
+    video = dict(frames=12, step=2, side=24, left=4)
+    padded = write_davis(tmp_path / "padded", **video)
+    unpadded = write_davis(tmp_path / "unpadded", stem="{}", **video)
+    results = [ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(tmp_path / data.name
+                                                                                          / "out")))
+               for data in (padded, unpadded)]
+    for result in results:
+        del result["videos"]["square"]["seconds_per_frame"]
+    assert results[0]["videos"] == results[1]["videos"] and results[0]["J&F"] == results[1]["J&F"]
+    assert results[0]["videos"]["square"]["scored_frames"] == 10
+    for index in range(12):
+        masks = [np.array(Image.open(tmp_path / name / "out" / "square" / f"{stem.format(index)}.png"))
+                 for name, stem in (("padded", "{:05d}"), ("unpadded", "{}"))]
+        assert np.array_equal(*masks)
+
+
+def test_frames_and_masks_that_do_not_pair_up_are_refused(tmp_path):
+    data = write_davis(tmp_path / "davis")
+    masks = data / "Annotations" / "480p" / "square"
+    for index in range(5):  # masks named unlike their frames (00000.jpg): unpadded
+        (masks / f"{index:05d}.png").rename(masks / f"{index}.png")
+    with pytest.raises(ValueError, match=r"video square: 5 file\(s\) in .*square match no frame \(0.png, 1.png, "
+                                         r"2.png and 2 more\); an annotation is named after its frame, as a PNG "
+                                         r"\(00000.jpg -> 00000.png\)"):
+        ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(tmp_path / "out")))
+    frames = data / "JPEGImages" / "480p" / "square"
+    Image.new("RGB", (SIZE, SIZE)).save(frames / "00001.png")  # two frames 00001: one mask, one output name
+    with pytest.raises(ValueError, match=r"00001.jpg and 00001.png in .*square share the stem '00001'"):
+        ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(tmp_path / "out")))
+
+
+def test_every_video_is_checked_before_the_first_is_segmented(tmp_path):
+    data = write_davis(tmp_path / "davis", name="good")
+    write_davis(data, name="colour")
+    Image.new("RGB", (SIZE, SIZE)).save(data / "Annotations" / "480p" / "colour" / "00000.png")
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"colour.*00000\.png"):
+        ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(output)))
+    assert not output.exists()  # the good video, listed first, was not segmented either
+
+
+def test_the_problems_of_all_videos_are_named_in_one_error(tmp_path):
+    data = write_davis(tmp_path / "davis", name="good")
+    for name in ("colour", "void", "late_colour"):
+        write_davis(data, name=name)
+    write_davis(data, name="unmasked", annotate="none")
+    masks = data / "Annotations" / "480p"
+    Image.new("RGB", (SIZE, SIZE)).save(masks / "colour" / "00000.png")
+    Image.new("L", (SIZE, SIZE), 255).save(masks / "void" / "00000.png")  # a binary mask with 255 for the object
+    Image.new("RGB", (SIZE, SIZE)).save(masks / "late_colour" / "00003.png")  # scored frames are checked too
+    output = tmp_path / "out"
+    with pytest.raises(ValueError) as raised:
+        ev.main(parse("--random_init", "--data_path", str(data), "--output_dir", str(output)))
+    message = str(raised.value)
+    assert message.startswith("4 of 5 videos cannot be segmented (nothing was computed): ")
+    assert "video colour: 1 annotation(s)" in message and "colour images (00000.png (RGB))" in message
+    assert "video late_colour: 1 annotation(s)" in message and "(00003.png (RGB))" in message
+    assert "video void: the first mask" in message and "write it as 1 (e.g. mask // 255)" in message
+    assert "video unmasked: the first frame's mask" in message and "unmasked/00000.png is missing" in message
+    assert "video good" not in message and not output.exists()
+
+
+def test_a_video_named_twice_is_refused(tmp_path):
+    data = write_davis(tmp_path / "davis")
+    with pytest.raises(ValueError, match=r"the videos square are named more than once"):
+        ev.main(parse("--random_init", "--data_path", str(data), "--videos", "square", "square"))
 
 
 @pytest.mark.parametrize("extra, error, message", [
@@ -496,3 +569,14 @@ def test_the_script_scores_void_by_its_rule_and_records_it(rule, tmp_path):
     assert result["J_mean"] == pytest.approx(np.mean(j_values))
     assert result["F_mean"] == pytest.approx(np.mean(f_values))
     assert scores["background"] != scores["ignore"]
+
+
+def test_unwritable_outputs_are_named_before_the_model_is_built(tmp_path):
+    data = write_davis(tmp_path / "davis")
+    (tmp_path / "a_file").write_text("in the way\n")
+    missing = ("--pretrained_weights", str(tmp_path / "missing.pth"), "--data_path", str(data))
+    with pytest.raises(NotADirectoryError, match=r"--output_dir .*a_file cannot be a folder: .*a_file is a file"):
+        ev.main(parse(*missing, "--output_dir", str(tmp_path / "a_file")))
+    with pytest.raises(NotADirectoryError, match=r"the folder of --output_json .*a_file/r.json .*a_file cannot be a folder"):
+        ev.main(parse(*missing, "--output_dir", str(tmp_path / "out"), "--output_json", str(tmp_path / "a_file/r.json")))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "davis"]
