@@ -8,7 +8,8 @@
 the original with the same file name, or for ``strong`` the originals whose names share the first
 four characters. Features: the CLS token concatenated with GeM-pooled (p=4) patch tokens of the
 last layer, optionally PCA-whitened (power 0.5) with statistics of ``--whitening_path`` images, then
-L2-normalised. Each query retrieves its top 20; AP uses the Holidays trapezoid rule.
+L2-normalised. Each query retrieves its top 20; AP uses the Holidays trapezoid rule. DINO's command lines parse:
+``--use_cuda``, ``--dist_url`` and ``--local_rank`` (``utils.add_dino_launch_args``).
 """
 from __future__ import annotations
 
@@ -46,11 +47,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
     utils.add_device_arg(parser)
     parser.add_argument("--output_dir", default=".", type=str, help="Where copydays.json is written.")
+    utils.add_dino_launch_args(parser, use_cuda=True)
     return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop at the start, naming the argument, on settings that cannot give a meaningful mAP."""
+    utils.apply_dino_launch_args(args)
     vits.validate_backbone_args(args)
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1 (results retrieved per query), got {args.topk}: with none "

@@ -9,7 +9,8 @@ The ground truth is unpickled with ``GroundTruthUnpickler``, which rebuilds only
 strings and numpy arrays (a pickle naming anything else is refused: unpickling it could run code).
 Queries are cropped to their box; every image is resized so that its longer side is ``--imsize``;
 features are L2-normalised CLS tokens, and the database is ranked by cosine similarity. Results:
-mAP and mP@1/5/10 under the Easy, Medium and Hard protocols.
+mAP and mP@1/5/10 under the Easy, Medium and Hard protocols. DINO's command lines parse: ``--use_cuda``,
+``--dist_url`` and ``--local_rank`` (``utils.add_dino_launch_args``).
 """
 from __future__ import annotations
 
@@ -52,11 +53,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
     utils.add_device_arg(parser)
     parser.add_argument("--output_dir", default=".", type=str, help="Where retrieval_<dataset>.json is written.")
+    utils.add_dino_launch_args(parser, use_cuda=True)
     return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop at the start, naming the argument, when images would be smaller than one patch."""
+    utils.apply_dino_launch_args(args)
     vits.validate_backbone_args(args)
     smallest = smallest_side(args.imsize, args.multiscale)
     if smallest < args.patch_size:

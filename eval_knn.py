@@ -7,8 +7,11 @@
 backbone's CLS tokens, L2-normalised; each test image takes the ``k`` most cosine-similar training
 images, which vote for their class with weight ``exp(similarity / T)``.
 
-``--dump_features`` saves the features with a record of where they came from (``FEATURE_SOURCE``: the
-weights, their digest, the data and crop); ``--load_features`` reports its result under those weights.
+``--dump_features`` saves the L2-normalised features and the labels under DINO's file names, so that DINO's
+``eval_knn.py --load_features`` reads them and scores the same, with a record of where they came from
+(``FEATURE_SOURCE``: the weights, their digest, the data and crop); ``--load_features`` reads ours or DINO's
+dumps and reports its result under the recorded weights. DINO's command lines parse: ``--use_cuda``,
+``--dist_url`` and ``--local_rank`` (``utils.add_dino_launch_args``).
 """
 from __future__ import annotations
 
@@ -54,19 +57,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Search neighbours with faiss (exact inner product) instead of a torch matrix "
                              "product; same answers, less memory for large training sets.")
     parser.add_argument("--dump_features", default="", type=str,
-                        help="Save the extracted features and labels to this folder (trainfeat.pth, testfeat.pth, "
-                             "trainlabels.pth, testlabels.pth, as DINO's), with features_source.json recording the "
-                             "weights, data and crop they came from.")
+                        help="Save the extracted features, L2-normalised, and the labels (int64) to this folder as "
+                             "DINO does (trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth: DINO's "
+                             "--load_features reads them and scores the same), with features_source.json recording "
+                             "the weights, data and crop they came from.")
     parser.add_argument("--load_features", default="", type=str,
-                        help="Evaluate the features saved in this folder by --dump_features instead of running a "
-                             "model. The result is labelled with the weights recorded there; --pretrained_weights "
-                             "or --random_init, if also given, must be those weights (anything else is refused, "
-                             "since it would not be what was evaluated). The model and data arguments are unused.")
+                        help="Evaluate the features saved in this folder by --dump_features (ours or DINO's) instead "
+                             "of running a model. The result is labelled with the weights recorded there; "
+                             "--pretrained_weights or --random_init, if also given, must be those weights (anything "
+                             "else is refused, since it would not be what was evaluated). The model and data "
+                             "arguments are unused.")
     parser.add_argument("--output_json", default="", type=str, help="Also write the results to this JSON file.")
+    utils.add_dino_launch_args(parser, use_cuda=True)
     return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    utils.apply_dino_launch_args(args)
     if args.load_features:
         if args.dump_features:
             raise ValueError("--dump_features with --load_features would only copy the loaded features; drop one")
@@ -158,7 +165,8 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, tes
     """Weighted k-NN: top-1 and top-5 accuracy in percent.
 
     Args:
-        train_features: ``[N, D]``; test_features: ``[M, D]`` (any M, normalised here).
+        train_features: ``[N, D]``; test_features: ``[M, D]`` (any M). Both are L2-normalised here, which leaves
+            normalised ones (ours, DINO's dumps) as they are and makes raw ones (older dumps) score the same.
         train_labels: ``[N]``; test_labels: ``[M]`` (int64 class indices).
         k: neighbours (at most N are used); T: vote temperature; num_classes: number of classes.
         use_faiss: exact inner-product search with faiss instead of torch.
@@ -203,7 +211,8 @@ FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels
 
 
 def compute_features(args: argparse.Namespace, device: torch.device):
-    """Train and val CLS features and labels of the frozen backbone, and the record of where they came from."""
+    """Train and val CLS features ``[N, D]``, L2-normalised as DINO's (its dumps hold these, and its k-NN takes
+    their dot product as the cosine), labels ``[N]`` (int64), and the record of where they came from."""
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set = build_split(args.data_path, "train", transform, IndexedImageFolder)
     val_set = build_split(args.data_path, args.val_split, transform, IndexedImageFolder)
@@ -214,10 +223,11 @@ def compute_features(args: argparse.Namespace, device: torch.device):
     source = {"weights": args.pretrained_weights or "random_init", "weights_path": weights_identity(args),
               "checkpoint_key": args.checkpoint_key if args.pretrained_weights else None,
               "weights_sha256": tensors_digest(model.state_dict()), "data_path": str(Path(args.data_path).resolve()),
-              "val_split": args.val_split, "resize_size": args.resize_size, "crop_size": args.crop_size}
+              "val_split": args.val_split, "resize_size": args.resize_size, "crop_size": args.crop_size,
+              "l2_normalised": True}
     model = model.to(device)
-    features = [extract_features(model, sequential_loader(split, args.batch_size_per_gpu, args.num_workers), device)
-                for split in (train_set, val_set)]
+    loaders = [sequential_loader(split, args.batch_size_per_gpu, args.num_workers) for split in (train_set, val_set)]
+    features = [F.normalize(extract_features(model, loader, device), dim=1) for loader in loaders]
     labels = [torch.tensor(split.targets, dtype=torch.long) for split in (train_set, val_set)]
     return (features[0], features[1], labels[0], labels[1]), source
 

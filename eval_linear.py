@@ -10,7 +10,8 @@ schedule); the best is reported. Restarting the same command resumes from
 ``<output_dir>/linear_checkpoint.pth``; ``--evaluate`` only evaluates the saved heads. The checkpoint records
 what its heads and result depend on (``TRAINING_SETTINGS``: the weights' tensors, the features, the data and
 the schedule): a checkpoint written with other settings is refused, with every difference named, rather
-than resumed or evaluated and reported under this run's label.
+than resumed or evaluated and reported under this run's label. DINO's command lines parse: ``--num_labels`` (checked
+against the classes found), ``--dist_url`` and ``--local_rank`` (``utils.add_dino_launch_args``).
 """
 from __future__ import annotations
 
@@ -73,11 +74,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head_weights", default="", type=str,
                         help="Heads to evaluate with --evaluate (default: <output_dir>/linear_checkpoint.pth).")
     parser.add_argument("--seed", default=0, type=int, help="Seed of head initialisation and data order.")
+    parser.add_argument("--num_labels", default=None, type=int,
+                        help="DINO's flag: the number of classes of the heads. Here the class folders of "
+                             "<data_path>/train decide it; if given, it must be their number (e.g. 1000 for ImageNet).")
     utils.add_device_arg(parser)
+    utils.add_dino_launch_args(parser)
     return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    utils.apply_dino_launch_args(args)
     vits.validate_backbone_args(args)
     if not args.data_path:
         raise ValueError("--data_path is required")
@@ -256,6 +262,10 @@ def build_data(args: argparse.Namespace):
                           IndexedImageFolder)
     if train_set.classes != val_set.classes:
         raise ValueError(f"train and val classes differ: {train_set.classes} vs {val_set.classes}")
+    if args.num_labels is not None and args.num_labels != len(train_set.classes):
+        raise ValueError(f"--num_labels {args.num_labels}, but {Path(args.data_path) / 'train'} holds "
+                         f"{len(train_set.classes)} classes, which decide the heads' outputs here: leave out "
+                         f"--num_labels (or set it to {len(train_set.classes)}), or give the --data_path you meant")
     sampler = DistributedSampler(train_set, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
                                  shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,

@@ -20,7 +20,7 @@ per object as in davis2017-evaluation (semi-supervised: the first and the last f
 and summarised as DAVIS does: mean, recall (share of frames above 0.5) and decay per object; J-mean
 and F-mean over all objects of all videos; J&F = their mean. DAVIS's void pixels (255) count as background, as
 in davis2017-evaluation's semi-supervised evaluation (``--void ignore`` leaves them out instead). Results go to
-``results.json`` and a ``FINAL {json}`` line.
+``results.json`` and a ``FINAL {json}`` line. DINO's command lines parse (its ``--bs`` is accepted and ignored).
 """
 from __future__ import annotations
 
@@ -96,12 +96,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "as background for J and F, so a prediction covering them is a false positive; this "
                              "is davis2017-evaluation's semi-supervised rule and makes J&F comparable with "
                              "published figures. ignore: they are left out of J and F.")
+    parser.add_argument("--bs", default=None, type=int,
+                        help="DINO's batch-size flag, which its script parses but never reads; accepted and ignored: "
+                             "the affinities here are computed in steps of at most 2^24 entries (64 MiB) at any "
+                             "frame size, so there is nothing to lower on running out of memory.")
     utils.add_device_arg(parser)
     return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop early, with the argument's name, on settings that cannot work."""
+    if args.bs is not None:
+        print(f"note: --bs {args.bs} (DINO's flag, unused by DINO too) is ignored: the affinities are computed in "
+              f"steps of at most {AFFINITY_BUDGET} entries whatever the frame size", flush=True)
     vits.validate_backbone_args(args)
     if not args.data_path or not Path(args.data_path).is_dir():
         raise FileNotFoundError(f"--data_path {args.data_path!r} is not a folder: give the DAVIS root (the folder "

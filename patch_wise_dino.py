@@ -136,6 +136,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                        help="Mixed precision of the forward passes. auto: bf16 on a GPU that supports "
                             "it, else fp32. fp16 uses a gradient scaler and needs CUDA.")
+    group.add_argument("--use_fp16", default=None, type=utils.bool_flag,
+                       help="DINO's flag: true is --precision fp16, false --precision fp32 (refused next to a "
+                            "--precision it contradicts).")
     group.add_argument("--weight_decay", default=0.04, type=float, help="Weight decay at the start (cosine schedule).")
     group.add_argument("--weight_decay_end", default=0.4, type=float, help="Weight decay at the end of training.")
     group.add_argument("--clip_grad", default=3.0, type=float,
@@ -213,6 +216,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", default=0, type=int, help="Seed of initialisation, data order and augmentation.")
     group.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
     utils.add_device_arg(group)
+    utils.add_dino_launch_args(group)
     group.add_argument("--print_freq", default=10, type=int, help="Print a progress line every this many iterations.")
     parser.add_argument("-h", "--help", action="help", help="Show this message and exit.")
     return parser
@@ -220,10 +224,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop early, listing every argument that cannot work, with the fix named."""
+    utils.apply_dino_launch_args(args)
+    apply_use_fp16(args)
     problems = (vits.check_backbone_args(args) + _count_problems(args) + _crop_problems(args)
                 + _optimisation_problems(args) + _ineffective_option_problems(args) + _path_problems(args))
     if problems:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def apply_use_fp16(args: argparse.Namespace) -> None:
+    """DINO's ``--use_fp16 true/false`` as ``--precision fp16/fp32``; refused next to a ``--precision`` other than
+    auto (the default) that it contradicts."""
+    if args.use_fp16 is None:
+        return
+    implied = "fp16" if args.use_fp16 else "fp32"
+    if args.precision not in ("auto", implied):
+        raise ValueError(f"--use_fp16 {str(args.use_fp16).lower()} (DINO's flag for --precision {implied}) "
+                         f"contradicts --precision {args.precision}: give only one of them")
+    args.precision = implied
 
 
 def _count_problems(args: argparse.Namespace) -> list[str]:
@@ -468,7 +486,8 @@ def _cls_flags(outputs: list[torch.Tensor]) -> torch.Tensor:
                       for output in outputs])
 
 
-def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+def build_student_teacher(args: argparse.Namespace, native_patches: int | None = None,
+                          ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (with drop-path) and teacher (a frozen copy of the student's weights), both with the heads of
     ``--patch_head`` (``MultiCropWrapper``)."""
     def head(width: int, out_dim: int, second_out_dim: int | None = None) -> DINOHead:
@@ -484,6 +503,9 @@ def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, M
 
     student_backbone = vits.build_backbone(args, args.global_crops_size, args.drop_path_rate)
     teacher_backbone = vits.build_backbone(args, args.global_crops_size)
+    if native_patches is not None and native_patches != student_backbone.pos_embed.shape[1] - 1:
+        for backbone in (student_backbone, teacher_backbone):  # before the optimizer and DDP see the parameter
+            backbone.set_native_grid(native_patches)
     student, teacher = wrap(student_backbone), wrap(teacher_backbone)
     teacher.load_state_dict(student.state_dict())
     for parameter in teacher.parameters():
@@ -815,14 +837,14 @@ def save_checkpoint(trainer: Trainer, point: ResumePoint, also: tuple[Path, ...]
     print(f"Saved {path}: next epoch {point.epoch}, iteration {point.iteration}", flush=True)
 
 
-def restore_checkpoint(output_dir: Path, trainer: Trainer) -> ResumePoint:
-    """Load the checkpoint to continue from (``resume_checkpoint``) into the trainer and return where to
-    continue (the start without one).
+def restore_checkpoint(output_dir: Path, trainer: Trainer, source: tuple[Path, dict | None]) -> ResumePoint:
+    """Load the checkpoint to continue from (``source``, as ``resume_checkpoint`` gives it) into the trainer and
+    return where to continue (the start without one).
 
     A file that is not a complete training checkpoint, holds non-finite values, or was written with other
     result-deciding settings (unless ``--allow_args_change``) stops with an error: never a silent fresh start.
     """
-    path, checkpoint = resume_checkpoint(output_dir, trainer.args.resume_from)
+    path, checkpoint = source
     if checkpoint is None:
         return ResumePoint()
     utils.require_keys(checkpoint, ("student", "teacher", "optimizer", "epoch", "dino_loss"), path,
@@ -836,6 +858,7 @@ def restore_checkpoint(output_dir: Path, trainer: Trainer) -> ResumePoint:
                             else str(path.resolve()))
     utils.load_state_strict(trainer.student_module, utils.strip_prefixes(checkpoint["student"]), "student", path)
     utils.load_state_strict(trainer.teacher, utils.strip_prefixes(checkpoint["teacher"]), "teacher", path)
+    refuse_cls_only_center(checkpoint, trainer, path)
     utils.load_state_strict(trainer.loss_fn, checkpoint["dino_loss"], "loss state (center)", path)
     trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     if trainer.scaler is not None and "fp16_scaler" in checkpoint:
@@ -844,6 +867,28 @@ def restore_checkpoint(output_dir: Path, trainer: Trainer) -> ResumePoint:
                         checkpoint.get("epoch_metrics", {}) if utils.is_main_process() else {})
     print(f"Resumed from {path}: next epoch {point.epoch}, iteration {point.iteration}", flush=True)
     return point
+
+
+def checkpoint_patches(checkpoint: dict | None) -> int | None:
+    """The number of patches of the teacher's position embeddings in a training checkpoint (None without one)."""
+    if checkpoint is None or not isinstance(checkpoint.get("teacher"), dict):
+        return None
+    pos_embed = utils.strip_prefixes(checkpoint["teacher"]).get("backbone.pos_embed")
+    return None if pos_embed is None else pos_embed.shape[1] - 1
+
+
+def refuse_cls_only_center(checkpoint: dict, trainer: Trainer, path: Path) -> None:
+    """A checkpoint of DINO's loss (one CLS centre ``[1, K]``, e.g. written by DINO's main_dino.py) cannot be
+    resumed with the patch loss, whose centre has a row per token: say what can be done instead."""
+    saved = checkpoint["dino_loss"].get("center")
+    ours = trainer.loss_fn.state_dict().get("center")
+    if saved is None or ours is None or saved.shape[0] != 1 or ours.shape[0] == 1:
+        return
+    raise ValueError(f"{path} holds DINO's loss state (one CLS centre, {list(saved.shape)}), but --patch_loss true "
+                     f"needs a centre per token ({list(ours.shape)}): resuming it as PW-Self is not a continuation. "
+                     "Resume it with --patch_loss false to continue DINO's training exactly; starting PW-Self from "
+                     "its weights is continued pre-training, a new run with --init_weights PATH (see README "
+                     "\"Continue from released weights\").")
 
 
 def resume_checkpoint(output_dir: Path, resume_from: str | None) -> tuple[Path, dict | None]:
@@ -1000,9 +1045,12 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     return loader
 
 
-def build_trainer(args: argparse.Namespace, device: torch.device, loader: DataLoader) -> Trainer:
+def build_trainer(args: argparse.Namespace, device: torch.device, loader: DataLoader,
+                  native_patches: int | None = None) -> Trainer:
+    """Models, loss, optimizer and schedules; ``native_patches``: the position-embedding grid of the checkpoint
+    to resume (DINO's keep 224 px, 196 patches, whatever the crop size), by default ``--global_crops_size``'s."""
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    student, teacher = build_student_teacher(args)
+    student, teacher = build_student_teacher(args, native_patches)
     if utils.is_distributed() and args.use_bn_in_head and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
@@ -1043,12 +1091,12 @@ def claim_output_dir(output_dir: Path, held: contextlib.ExitStack) -> None:
     utils.remove_stale_temporaries(output_dir)
 
 
-def start_or_resume(output_dir: Path, trainer: Trainer) -> ResumePoint:
+def start_or_resume(output_dir: Path, trainer: Trainer, source: tuple[Path, dict | None]) -> ResumePoint:
     """Restore the checkpoint to continue from; then, on rank 0, move aside what another lineage left from
     there on, write args.json (and args_history.jsonl when the lineage changes), write checkpoint.pth at once
     when there is none (a fresh start or ``--resume_from``: log lines then never exist without it), and drop
     the log lines it does not cover."""
-    resume = restore_checkpoint(output_dir, trainer)
+    resume = restore_checkpoint(output_dir, trainer, source)
     if utils.is_main_process():
         set_aside_other_lineages(output_dir, trainer, resume)
         utils.write_text_atomic(json.dumps(vars(trainer.args), indent=2) + "\n", output_dir / "args.json")
@@ -1143,8 +1191,10 @@ def main(args: argparse.Namespace) -> Trainer:
         utils.run_on_main_process(lambda: claim_output_dir(output_dir, held))
         print("\n".join(f"{name}: {value}" for name, value in sorted(vars(args).items())), flush=True)
         loader = build_loader(args)
-        trainer = build_trainer(args, device, loader)
-        resume = start_or_resume(output_dir, trainer)
+        source = resume_checkpoint(output_dir, args.resume_from)  # read once: its grid shapes the models
+        trainer = build_trainer(args, device, loader, checkpoint_patches(source[1]))
+        resume = start_or_resume(output_dir, trainer, source)
+        del source  # the checkpoint's own tensors (a second copy of the model) are not needed while training
         if resume.epoch >= args.epochs:
             print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {resume.epoch} "
                   f"of {args.epochs}.")

@@ -733,7 +733,13 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 # Besides tensors, containers, numbers and strings, the one type a checkpoint may hold: DINO's main_dino.py
 # saves its arguments as an ``argparse.Namespace`` under ``args``. Nothing else is ever unpickled.
-SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+# Beyond tensors, containers, numbers and strings, what DINO's main_dino.py writes: its arguments as an
+# argparse.Namespace, and numpy.float64 learning rates and weight decays (its schedules are numpy arrays) in the
+# optimizer's param_groups. A numpy scalar is rebuilt from its dtype and bytes, under numpy 2's module name or
+# numpy 1's (``numpy.core``); only the float64 dtype is allowed, the one those schedules hold.
+NUMPY_SCALAR = np._core.multiarray.scalar
+SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace, np.dtype, np.dtypes.Float64DType, NUMPY_SCALAR,
+                           (NUMPY_SCALAR, "numpy.core.multiarray.scalar"))
 
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
@@ -750,13 +756,15 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
         with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for truncated or foreign files
-        refused = unsafe_objects_in(path)
+        # Types the unpickler met only while rebuilding an allowed one (e.g. another numpy dtype) are named in
+        # torch's error, not in the archive's list of globals.
+        refused = unsafe_objects_in(path) + re.findall(r"but got <class '([\w.]+)'>", str(error))
         if refused:
             raise RuntimeError(
                 f"{what} {path} holds Python objects of type {', '.join(refused)}; they are not loaded, because "
-                "unpickling them could run arbitrary code (only tensors, containers, numbers, strings and "
-                "argparse.Namespace are read). Re-save the weights as plain state dicts from a copy you trust, "
-                "e.g. torch.save({'teacher': model.state_dict()}, path).") from error
+                "unpickling them could run arbitrary code (only tensors, containers, numbers, strings, "
+                "argparse.Namespace and numpy float64 scalars are read). Re-save the weights as plain state "
+                "dicts from a copy you trust, e.g. torch.save({'teacher': model.state_dict()}, path).") from error
         raise RuntimeError(f"cannot read {what} {path}: {type(error).__name__}: {error}. The file is "
                            "corrupt, truncated or not a PyTorch checkpoint; move it away to start afresh, or "
                            "point to a good one.") from error
@@ -764,7 +772,19 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
         raise RuntimeError(f"{path} holds a {type(checkpoint).__name__}, not a {what} dict")
     if isinstance(checkpoint.get("args"), argparse.Namespace):
         checkpoint["args"] = vars(checkpoint["args"])
-    return checkpoint
+    return plain_numbers(checkpoint)
+
+
+def plain_numbers(value):
+    """``value`` with every numpy scalar outside tensors turned into the Python number it equals (DINO's
+    ``numpy.float64`` learning rates), so that what is read is written back, and printed, like our own."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((key, plain_numbers(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(item) for item in value)
+    return value
 
 
 def unsafe_objects_in(path: str | Path) -> list[str]:
@@ -774,7 +794,8 @@ def unsafe_objects_in(path: str | Path) -> list[str]:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip archive written by torch.save: nothing to name
         return []
-    allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in SAFE_CHECKPOINT_GLOBALS}
+    allowed = {kind[1] if isinstance(kind, tuple) else f"{kind.__module__}.{kind.__qualname__}"
+               for kind in SAFE_CHECKPOINT_GLOBALS}
     return [name for name in names if name not in allowed]
 
 
@@ -1056,3 +1077,42 @@ class MetricLogger:
             end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - start))
         print(f"{header} total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# DINO's launcher flags, so that DINO's command lines run here unchanged.
+# ----------------------------------------------------------------------------------------------
+def add_dino_launch_args(parser, use_cuda: bool = False) -> None:
+    """DINO's ``--local_rank`` and ``--dist_url`` (and, with ``use_cuda``, its ``--use_cuda``), acted on by
+    ``apply_dino_launch_args``. ``python -m torch.distributed.launch`` without ``--use_env`` passes
+    ``--local-rank=N`` (dashed since PyTorch 2.0, underscored before): both spellings are accepted."""
+    parser.add_argument("--local_rank", "--local-rank", default=None, type=int,
+                        help="DINO's flag, passed by python -m torch.distributed.launch without --use_env: this "
+                             "process's GPU on its node. Becomes LOCAL_RANK where the launcher left that unset, and "
+                             "must agree with it otherwise. Not needed with torchrun.")
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="DINO's flag: how the processes meet. Only env:// (DINO's default) is supported: the "
+                             "address and ranks that torchrun or torch.distributed.launch put in the environment.")
+    if use_cuda:
+        parser.add_argument("--use_cuda", default=None, type=bool_flag,
+                            help="DINO's flag (true/false: keep the features on the GPU), accepted and ignored: "
+                                 "--device decides where the model and the features go.")
+
+
+def apply_dino_launch_args(args: argparse.Namespace) -> None:
+    """Act on ``add_dino_launch_args``'s flags, before the device is chosen: ``--local_rank`` is set as LOCAL_RANK
+    (what ``resolve_device`` and ``init_distributed`` read) when unset, and refused when it disagrees; a
+    ``--dist_url`` other than env:// is refused; ``--use_cuda`` is noted as ignored (once, on rank 0)."""
+    if args.local_rank is not None:
+        launcher_value = os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+        if int(launcher_value) != args.local_rank:
+            raise ValueError(f"--local_rank {args.local_rank} disagrees with LOCAL_RANK={launcher_value} set by the "
+                             "launcher; leave out --local_rank (torchrun and torch.distributed.launch set LOCAL_RANK)")
+    if args.dist_url != "env://":
+        raise ValueError(f"--dist_url {args.dist_url} is not supported: processes meet only through the environment "
+                         "(env://, DINO's default) that the launcher sets; give the address to the launcher instead "
+                         "(torchrun --nnodes N --node_rank R --master_addr HOST --master_port PORT ...) and leave out "
+                         "--dist_url")
+    if getattr(args, "use_cuda", None) is not None and os.environ.get("RANK", "0") == "0":
+        print(f"note: --use_cuda {str(args.use_cuda).lower()} (DINO's flag) is ignored: --device {args.device} "
+              "decides where the model and the features go", flush=True)

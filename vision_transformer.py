@@ -7,9 +7,10 @@ names), wrapped so that it behaves like DINO's ``vision_transformer.VisionTransf
 * ``model.forward_features(x)`` returns every normalised token ``[B, 1 + N, D]``;
 * ``model.get_last_selfattention(x)`` returns the last block's attention ``[B, heads, 1+N, 1+N]``;
 * ``model.get_intermediate_layers(x, n)`` returns the last ``n`` block outputs, each normalised;
-* any input whose sides are multiples of the patch size works: the position embeddings of the
-  native grid (``img_size // patch_size`` per side) are resampled bicubically to the input's grid
-  exactly as DINO does it (``resample_pos_embed``), so DINO's weights give DINO's features at every size.
+* any input size works: the position embeddings of the native grid (``img_size // patch_size`` per
+  side) are resampled bicubically to the input's grid exactly as DINO does it (``resample_pos_embed``),
+  so DINO's weights give DINO's features at every size. Sides that are not multiples of the patch size
+  lose their right and bottom remainders, as in DINO (``crop_to_patches``, with a one-time warning).
 
 A DINO backbone state dict (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.*``,
 ``norm.*``) loads with ``strict=True``; so does a timm ViT state dict without its classifier.
@@ -23,7 +24,7 @@ import urllib.error
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,40 +54,57 @@ class VisionTransformer(TimmVisionTransformer):
         self.patch_size = patch_size
         # DINO draws the CLS token like the position embeddings (timm uses a near-zero one).
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.warned_about_cropping = False
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def crop_to_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> ``[B, C, H // p * p, W // p * p]`` for patch size ``p``.
+
+        DINO's strided patch convolution ignores the right and bottom pixels that do not fill a patch (a
+        480x854 DAVIS frame at patch 16 gives a 30x53 grid); this crop does the same explicitly, and says so
+        once per model (its first such input), since those pixels never reach the features.
+        """
         if x.ndim != 4:
             raise ValueError(f"expected images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
         height, width = x.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
-                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
-                f"resize or crop the input to a multiple of {self.patch_size} pixels per side"
-            )
+        used_height, used_width = (side // self.patch_size * self.patch_size for side in (height, width))
+        if not used_height or not used_width:
+            raise ValueError(f"image size {height}x{width} is smaller than one patch ({self.patch_size}x"
+                             f"{self.patch_size} pixels); give images of at least {self.patch_size} pixels per side")
+        if (used_height, used_width) == (height, width):
+            return x
+        if not self.warned_about_cropping:
+            print(f"warning: input {height}x{width} is not a multiple of patch {self.patch_size}: using "
+                  f"{used_height}x{used_width}, as DINO (the right {width - used_width} and bottom "
+                  f"{height - used_height} pixels are dropped); reported once per model", flush=True)
+            self.warned_about_cropping = True
+        return x[..., :used_height, :used_width]
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _pos_embed(self, x: torch.Tensor, square_image: bool = True) -> torch.Tensor:
         """Prepend the CLS token and add position embeddings resampled to the grid of ``x``.
 
         Args:
             x: patch embeddings ``[B, H, W, D]`` (timm's NHWC layout for dynamic sizes).
+            square_image: whether the image given to the model was square (see ``resample_pos_embed``).
 
         Returns:
             tokens ``[B, 1 + H * W, D]``.
         """
         batch, grid_h, grid_w, dim = x.shape
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
-        return self.pos_drop(tokens + self.resample_pos_embed(grid_h, grid_w))
+        return self.pos_drop(tokens + self.resample_pos_embed(grid_h, grid_w, square_image))
 
-    def resample_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
+    def resample_pos_embed(self, grid_h: int, grid_w: int, square_image: bool = True) -> torch.Tensor:
         """Position embeddings ``[1, 1 + grid_h * grid_w, D]`` for a ``grid_h x grid_w`` patch grid, as DINO's
         ``interpolate_pos_encoding`` computes them.
 
-        The native grid is returned unchanged. Any other grid is resampled bicubically (no antialiasing)
-        with DINO's scale factors ``(grid + 0.1) / native``, rows from the input's height and columns
-        from its width, in float32 whatever the parameter dtype.
+        The native grid of a square image is returned unchanged. Any other grid is resampled bicubically (no
+        antialiasing) with DINO's scale factors ``(grid + 0.1) / native``, rows from the input's height and
+        columns from its width, in float32 whatever the parameter dtype. DINO tests the image's pixel sides,
+        not the grid: a non-square image cropped to the native grid (224x230 at patch 16, ``square_image``
+        False) is resampled too, by those scale factors, which move the samples slightly.
         """
         native_h, native_w = self.patch_embed.grid_size
-        if (grid_h, grid_w) == (native_h, native_w):
+        if (grid_h, grid_w) == (native_h, native_w) and square_image:
             return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         dim = patch_pos.shape[-1]
@@ -117,9 +135,11 @@ class VisionTransformer(TimmVisionTransformer):
               f"other sizes are resampled from it at forward time, as in DINO", flush=True)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` -> input tokens of the first block ``[B, 1 + N, D]``."""
-        self._check_input(x)
-        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        """Images ``[B, C, H, W]`` -> input tokens of the first block ``[B, 1 + N, D]``, ``N`` the patches of
+        ``crop_to_patches(x)``."""
+        patches = self.patch_embed(self.crop_to_patches(x))
+        square_image = x.shape[-2] == x.shape[-1]
+        return self.norm_pre(self.patch_drop(self._pos_embed(patches, square_image)))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> all normalised output tokens ``[B, 1 + N, D]`` (CLS first)."""
@@ -390,6 +410,20 @@ def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key:
     print(f"Loaded {len(state)} backbone tensors from {path} (key '{checkpoint_key}')", flush=True)
 
 
+def load_head_weights(head: DINOHead, path: str, checkpoint_key: str = "teacher") -> None:
+    """Load the projection head (``head.*``) of a training checkpoint, ours or DINO's, from its ``checkpoint_key``
+    weights, strictly: the head's sizes must be those it was trained with."""
+    weights = utils.load_checkpoint(path, what="weights").get(checkpoint_key)
+    weights = utils.strip_prefixes(weights) if isinstance(weights, dict) else {}
+    state = {key[len("head."):]: value for key, value in weights.items() if key.startswith("head.")}
+    if not state:
+        raise ValueError(f"no projection head (head.*) in the '{checkpoint_key}' weights of {path}: a head is kept "
+                         "in a training checkpoint (ours or DINO's), under 'teacher' or 'student'")
+    _raise_on_mismatch(head, state, path, what="head (check in_dim, out_dim, nlayers, hidden_dim and bottleneck_dim)")
+    head.load_state_dict(state, strict=True)
+    print(f"Loaded {len(state)} head tensors from {path} (key '{checkpoint_key}')", flush=True)
+
+
 # Keys of a full training checkpoint (ours and DINO's), as opposed to exported backbone weights.
 TRAINING_CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "epoch")
 
@@ -412,7 +446,8 @@ def _raise_on_non_finite(state: dict, checkpoint: dict, path: str) -> None:
     raise RuntimeError(f"the weights in {path} are not finite: tensor {name} holds NaN or infinity; {fix}")
 
 
-def _raise_on_mismatch(model: nn.Module, state: dict, path: str) -> None:
+def _raise_on_mismatch(model: nn.Module, state: dict, path: str,
+                       what: str = "backbone (check --arch, --patch_size and size overrides)") -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -420,7 +455,7 @@ def _raise_on_mismatch(model: nn.Module, state: dict, path: str) -> None:
                    for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape]
     if missing or unexpected or wrong_shape:
         raise RuntimeError(
-            f"the weights in {path} do not fit this backbone (check --arch, --patch_size and size overrides):\n"
+            f"the weights in {path} do not fit this {what}:\n"
             f"  missing keys ({len(missing)}): {_preview(missing)}\n"
             f"  unexpected keys ({len(unexpected)}): {_preview(unexpected)}\n"
             f"  shape mismatches ({len(wrong_shape)}): {_preview(wrong_shape)}")
@@ -434,9 +469,7 @@ def build_frozen_backbone(args, img_size: int) -> VisionTransformer:
     """An evaluation backbone: pretrained weights from ``args.pretrained_weights`` or, with
     ``args.random_init``, deliberately random ones; in eval mode without gradients."""
     if bool(args.pretrained_weights) == bool(args.random_init):
-        raise ValueError("give either --pretrained_weights PATH or --random_init (a random-weights baseline); "
-                         "instead of a PATH, a name of DINO's released weights (" + ", ".join(REFERENCE_WEIGHTS)
-                         + ") downloads them once, and nothing is downloaded otherwise")
+        raise ValueError(missing_weights_message(args))
     with torch.random.fork_rng():  # the random baseline is the same in every run (seed 0)
         torch.manual_seed(0)
         model = build_backbone(args, img_size=img_size)
@@ -448,6 +481,18 @@ def build_frozen_backbone(args, img_size: int) -> VisionTransformer:
     for parameter in model.parameters():
         parameter.requires_grad = False
     return model
+
+
+def missing_weights_message(args) -> str:
+    """What to give when neither or both of --pretrained_weights and --random_init are: DINO's scripts evaluate
+    the released weights of --arch/--patch_size when --pretrained_weights is left out, so their name is offered."""
+    released = [name for name, entry in REFERENCE_WEIGHTS.items()
+                if (entry.arch, entry.patch_size) == (args.arch, args.patch_size)]
+    offer = (f"--pretrained_weights {released[0]}, DINO's released weights for --arch {args.arch} --patch_size "
+             f"{args.patch_size} (what DINO's scripts evaluate without --pretrained_weights)" if released else
+             "a name of DINO's released weights (" + ", ".join(REFERENCE_WEIGHTS) + ")")
+    return (f"give either --pretrained_weights PATH or --random_init (a random-weights baseline); instead of a PATH, "
+            f"{offer} downloads them once, and nothing is downloaded otherwise")
 
 
 def add_weights_args(parser) -> None:
@@ -471,20 +516,31 @@ def add_weights_args(parser) -> None:
 
 
 def pretrained_backbone(arch: str, patch_size: int | None = None, pretrained_weights: str = "",
-                        checkpoint_key: str = "teacher", img_size: int = 224, embed_dim: int | None = None,
-                        depth: int | None = None, num_heads: int | None = None) -> VisionTransformer:
+                        checkpoint_key: str = "teacher", img_size: int | Sequence[int] = 224,
+                        drop_path_rate: float = 0.0, embed_dim: int | None = None, depth: int | None = None,
+                        num_heads: int | None = None) -> VisionTransformer:
     """The backbone ``arch`` with ``pretrained_weights`` loaded (torch.hub's entries, see ``hubconf.py``).
 
     ``pretrained_weights`` is a path or a ``REFERENCE_WEIGHTS`` name, resolved, checked and loaded as in the
     evaluations; without it the weights are random (timm's initialisation). ``patch_size`` None takes the
-    name's patch size, else 16. The model is returned trainable, in training mode, like DINO's hub models.
+    name's patch size, else 16. ``img_size`` is one side, as an int or as DINO's one-element list (``[224]``).
+    The model is returned trainable, in training mode, like DINO's hub models.
     """
     args = argparse.Namespace(arch=arch, patch_size=patch_size, pretrained_weights=pretrained_weights,
                               embed_dim=embed_dim, depth=depth, num_heads=num_heads)
-    model = build_backbone(args, img_size=img_size)
+    model = build_backbone(args, img_size=image_side(img_size), drop_path_rate=drop_path_rate)
     if pretrained_weights:
         load_pretrained_weights(model, pretrained_weights, checkpoint_key)
     return model
+
+
+def image_side(img_size: int | Sequence[int]) -> int:
+    """The side in pixels that ``img_size`` gives: an int, or DINO's form, a list of one int (``[224]``)."""
+    side = img_size[0] if isinstance(img_size, (list, tuple)) and len(img_size) == 1 else img_size
+    if isinstance(side, bool) or not isinstance(side, int) or side <= 0:
+        raise ValueError(f"img_size={img_size!r} is not one image side: give a positive number of pixels, as an "
+                         "int (224) or as DINO's one-element list ([224]); the position embeddings are square")
+    return side
 
 
 # ----------------------------------------------------------------------------------------------

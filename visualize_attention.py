@@ -1,33 +1,39 @@
 """Where does the CLS token look? The last block's self-attention, head by head (DINO's visualisation).
 
-    python visualize_attention.py --pretrained_weights out/checkpoint.pth --arch vit_small --patch_size 8 \\
-        --image_path photo.jpg --output_dir attention
+    python visualize_attention.py --pretrained_weights dino_vits8 --image_path photo.jpg --output_dir attention
     python visualize_attention.py --random_init --image_path test.png --output_dir attention_random
-    python visualize_attention.py --pretrained_weights out/checkpoint.pth --image_path folder/ --output_dir attention
+    python visualize_attention.py --pretrained_weights out/checkpoint.pth --image_path folder/ --threshold 0.6 \\
+        --output_dir attention
 
 For each image, resized by ``--image_size`` and cropped at the right and bottom to whole patches (as DINO
-does), the attention of the CLS token to every patch in the last block is drawn per head. Written to
-``--output_dir`` (for a folder of images, one sub-folder per image named by its full file name, e.g.
-``photo.jpg/``, so that ``a.jpg`` and ``a.png`` keep apart):
+does), the attention of the CLS token to every patch in the last block is drawn per head. The patch size
+is the weights' own unless given (DINO's 8 for random weights). Written to ``--output_dir`` (for a folder
+of images, one sub-folder per image named by its full file name, e.g. ``photo.jpg/``, so that ``a.jpg``
+and ``a.png`` keep apart); ``img.png`` and ``attn-head{h}.png`` are the files DINO's script writes, pixel
+for pixel:
 
-* ``img.png``: the image as the model saw it (resized and cropped);
+* ``img.png``: the model's input (resized, cropped, ImageNet-normalised) stretched as a whole to its own
+  min and max, DINO's ``save_image(..., normalize=True)`` (so colours shift slightly against the photo);
 * ``attn-head{h}.png``: head h's CLS-to-patch attention, one value per patch, enlarged to the image
-  (nearest, so every patch is a flat square), in the viridis colour map scaled to that head's own range;
-* ``mask-head{h}.png``: the patches that hold ``--threshold`` of head h's attention mass (white), DINO's
-  thresholded masks;
-* ``attention.png``: one figure, the image and every head's map on top, each mask over the image below.
+  (nearest, so every patch is a flat square), in viridis scaled to that head's own range (matplotlib's
+  ``imsave``, RGBA, as DINO's ``plt.imsave``);
+* with ``--threshold``: ``mask-head{h}.png``, the patches that hold that share of head h's attention mass
+  (white), DINO's thresholded masks;
+* ``attention.png``: one figure, the image and every head's map on top; with ``--threshold``, each mask
+  over the image below.
 
-Ends with ``FINAL {json}``: per image the size, patch grid, and per head the CLS-to-CLS share, the patches
-kept and the mass they hold (``--output_json FILE`` writes the same).
+Ends with ``FINAL {json}``: per image the size, patch grid, and per head the CLS-to-CLS share; with
+``--threshold`` also the patches kept and the mass they hold (``--output_json FILE`` writes the same).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import torch
-from matplotlib import colormaps
+import torchvision
 from matplotlib.figure import Figure
 from PIL import Image
 from torchvision import transforms
@@ -36,15 +42,22 @@ import utils
 import vision_transformer as vits
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-COLOUR_MAP = "viridis"  # matplotlib's default, which DINO's plt.imsave used
+COLOUR_MAP = "viridis"  # matplotlib's default image.cmap, which DINO's plt.imsave gets; pinned against a matplotlibrc
+DINO_PATCH_SIZE = 8  # DINO's visualize_attention.py default (its paper's figures use ViT-S/8)
 MASK_COLOUR = np.array([255, 64, 32], dtype=np.float64)
 PANEL_INCHES, FIGURE_DPI = 1.6, 100
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Self-attention maps of the last block")
+    # "resolve": the --patch_size below replaces the shared one, whose help tells the evaluations' defaults.
+    parser = argparse.ArgumentParser("Self-attention maps of the last block", conflict_handler="resolve")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
+    parser.add_argument("--patch_size", default=None, type=int,
+                        help="Patch side in pixels. Left out, it is the weights' own: a reference-weights name's, "
+                             "or read from a weights file's patch embedding (patch_embed.proj.weight, "
+                             f"[D, 3, p, p]); with --random_init it is {DINO_PATCH_SIZE}, DINO's default. Given, "
+                             "it must agree with the weights.")
     parser.add_argument("--image_path", default="", type=str,
                         help="An image file, or a folder: every image directly inside it (by extension, hidden "
                              "files ignored) gets its own sub-folder of --output_dir.")
@@ -52,9 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Resize to H W (two numbers), or the shorter side to SIZE keeping the aspect ratio "
                              "(one number); then the right and bottom are cropped to whole patches, as in DINO. "
                              "Use about the training resolution or larger (e.g. 64 for a 32 px model).")
-    parser.add_argument("--threshold", default=0.6, type=float,
-                        help="Masks keep, per head, the fewest highest-attention patches that hold at least "
-                             "this share (0-1] of the head's CLS-to-patch attention (DINO's rule).")
+    parser.add_argument("--threshold", default=None, type=float,
+                        help="Also write masks (mask-head{h}.png, and a row of them in attention.png) that keep, "
+                             "per head, the fewest highest-attention patches holding at least this share (0-1] of "
+                             "the head's CLS-to-patch attention (DINO's rule; its paper shows 0.6). Default: off, "
+                             "no masks, as in DINO.")
     parser.add_argument("--output_dir", default="attention", type=str, help="Where the PNGs are written.")
     utils.add_device_arg(parser)
     parser.add_argument("--output_json", default="", type=str, help="Also write the summary to this JSON file.")
@@ -62,19 +77,44 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Stop early, with the argument's name, on settings that cannot work."""
-    vits.validate_backbone_args(args)
+    """Stop early, with the argument's name, on settings that cannot work; the patch size last, as it may read
+    the weights file."""
     if not args.image_path:
         raise ValueError("--image_path is required: an image file or a folder of images")
     if not Path(args.image_path).exists():
         raise FileNotFoundError(f"--image_path {args.image_path} does not exist")
     if len(args.image_size) not in (1, 2):
         raise ValueError(f"--image_size takes one number (shorter side) or two (H W), got {args.image_size}")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold must lie in (0, 1], got {args.threshold}")
+    resolve_patch_size(args)
+    vits.validate_backbone_args(args)
     if min(args.image_size) < args.patch_size:
         raise ValueError(f"--image_size {' '.join(map(str, args.image_size))} is smaller than one patch "
                          f"(--patch_size {args.patch_size})")
-    if not 0 < args.threshold <= 1:
-        raise ValueError(f"--threshold must lie in (0, 1], got {args.threshold}")
+
+
+def weights_patch_size(path: str, checkpoint_key: str) -> int | None:
+    """The patch side of the backbone weights in ``path``: the kernel of ``patch_embed.proj.weight``
+    ``[D, 3, p, p]``; None where there is none (the strict load then names what is missing)."""
+    checkpoint = utils.load_checkpoint(path, what="weights")
+    kernel = vits.backbone_state_dict(checkpoint, checkpoint_key, source=path).get("patch_embed.proj.weight")
+    return int(kernel.shape[-1]) if kernel is not None and kernel.dim() == 4 else None
+
+
+def resolve_patch_size(args: argparse.Namespace) -> None:
+    """Fill in ``--patch_size`` where not given: a weights file's own, else DINO's 8 (a reference-weights name
+    is left to ``vits.resolve_backbone_args``, which sets its own and checks a given one). A given one that
+    the file contradicts stops here, before a load that would fail on the patch embedding's shape."""
+    if vits.reference_weights(args.pretrained_weights) is not None:
+        return
+    found = weights_patch_size(args.pretrained_weights, args.checkpoint_key) if args.pretrained_weights else None
+    if found is not None and args.patch_size not in (None, found):
+        raise ValueError(f"--patch_size {args.patch_size} contradicts --pretrained_weights {args.pretrained_weights}, "
+                         f"whose patch embedding (patch_embed.proj.weight) has {found}x{found} px patches; leave "
+                         f"out --patch_size to take the weights' {found}")
+    if args.patch_size is None:
+        args.patch_size = found or DINO_PATCH_SIZE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,16 +210,9 @@ def threshold_masks(attentions: torch.Tensor, threshold: float) -> torch.Tensor:
 # Pictures.
 # ----------------------------------------------------------------------------------------------
 def enlarge(values: np.ndarray, factor: int) -> np.ndarray:
-    """Each entry of ``[h, w, ...]`` repeated as a ``factor x factor`` block: ``[h * factor, w * factor, ...]``."""
+    """Each entry of ``[h, w, ...]`` repeated as a ``factor x factor`` block: ``[h * factor, w * factor, ...]``
+    (DINO's nearest upsampling by the patch size)."""
     return values.repeat(factor, axis=0).repeat(factor, axis=1)
-
-
-def colour_map(values: np.ndarray) -> np.ndarray:
-    """``[h, w]`` floats -> uint8 RGB ``[h, w, 3]`` in ``COLOUR_MAP``, scaled to the map's own min and max
-    (as ``plt.imsave`` does: each head in its own range)."""
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    return (colormaps[COLOUR_MAP](scaled)[..., :3] * 255).round().astype(np.uint8)
 
 
 def overlay(pixels: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -189,29 +222,31 @@ def overlay(pixels: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndar
     return tinted.round().astype(np.uint8)
 
 
-def render_figure(pixels: np.ndarray, maps: np.ndarray, masks: np.ndarray, mass_kept: list[float],
-                  threshold: float, title: str) -> Figure:
-    """Top row: the image, then each head's map; bottom row: each head's mask over the image.
+def render_figure(pixels: np.ndarray, maps: np.ndarray, masks: np.ndarray | None, mass_kept: list[float] | None,
+                  threshold: float | None, title: str) -> Figure:
+    """Top row: the image, then each head's map; with masks, a bottom row of each head's mask over the image.
 
-    ``pixels`` uint8 ``[H, W, 3]``; ``maps`` float ``[heads, H, W]``; ``masks`` bool ``[heads, H, W]``.
+    ``pixels`` uint8 ``[H, W, 3]``; ``maps`` float ``[heads, H, W]``; ``masks`` bool ``[heads, H, W]`` or None.
     """
-    heads, (height, width) = len(maps), pixels.shape[:2]
+    heads, (height, width), rows = len(maps), pixels.shape[:2], 1 if masks is None else 2
     panel_height = PANEL_INCHES * height / width
     title_inches, label_inches = 0.3, 0.2  # room for the title and each row's labels
-    figure = Figure(figsize=(PANEL_INCHES * (heads + 1), 2 * (panel_height + label_inches) + title_inches),
+    figure = Figure(figsize=(PANEL_INCHES * (heads + 1), rows * (panel_height + label_inches) + title_inches),
                     dpi=FIGURE_DPI)
-    axes = figure.subplots(2, heads + 1, squeeze=False)
+    axes = figure.subplots(rows, heads + 1, squeeze=False)
     for axis in axes.flat:
         axis.set_axis_off()
     axes[0, 0].imshow(pixels, interpolation="nearest")
     axes[0, 0].set_title("image", fontsize=8)
-    axes[1, 0].text(0.5, 0.5, f"masks: the fewest\npatches holding\n{threshold:.0%} of each\nhead's attention",
-                    ha="center", va="center", fontsize=7, transform=axes[1, 0].transAxes)
-    for head in range(heads):
-        axes[0, head + 1].imshow(colour_map(maps[head]), interpolation="nearest")
+    for head in range(heads):  # imshow scales each map to its own range, as the PNGs
+        axes[0, head + 1].imshow(maps[head], cmap=COLOUR_MAP, interpolation="nearest")
         axes[0, head + 1].set_title(f"head {head}", fontsize=8)
-        axes[1, head + 1].imshow(overlay(pixels, masks[head]), interpolation="nearest")
-        axes[1, head + 1].set_title(f"{masks[head].mean():.0%} of area, {mass_kept[head]:.0%} mass", fontsize=7)
+    if masks is not None:
+        axes[1, 0].text(0.5, 0.5, f"masks: the fewest\npatches holding\n{threshold:.0%} of each\nhead's attention",
+                        ha="center", va="center", fontsize=7, transform=axes[1, 0].transAxes)
+        for head in range(heads):
+            axes[1, head + 1].imshow(overlay(pixels, masks[head]), interpolation="nearest")
+            axes[1, head + 1].set_title(f"{masks[head].mean():.0%} of area, {mass_kept[head]:.0%} mass", fontsize=7)
     figure.suptitle(title, fontsize=8)
     total = figure.get_figheight()
     figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (title_inches + label_inches) / total,
@@ -219,21 +254,39 @@ def render_figure(pixels: np.ndarray, maps: np.ndarray, masks: np.ndarray, mass_
     return figure
 
 
-def save_outputs(folder: Path, pixels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor, patch_size: int,
-                 mass_kept: list[float], threshold: float, title: str) -> None:
-    """Write ``img.png``, ``attn-head{h}.png``, ``mask-head{h}.png`` and ``attention.png`` into ``folder``.
+def save_dino_pngs(folder: Path, model_input: torch.Tensor, big_maps: np.ndarray) -> None:
+    """``img.png`` and ``attn-head{h}.png`` as DINO's script writes them, with the same library calls.
 
-    ``pixels`` uint8 ``[3, H, W]``; ``maps`` ``[heads, h, w]``; ``masks`` bool ``[heads, h, w]`` (patch grid).
+    ``img.png``: the normalised input ``[1, 3, H, W]`` min-max stretched and rounded by torchvision's
+    ``save_image(normalize=True, scale_each=True)``. ``attn-head{h}.png``: float32 ``big_maps[h]``
+    (``[heads, H, W]``) through matplotlib's ``imsave`` (each map's min-max, a 256-colour table converted
+    to bytes by truncation, RGBA), as ``plt.imsave`` with its default colour map.
+    """
+    utils.write_atomic(folder / "img.png", lambda handle: torchvision.utils.save_image(
+        model_input, handle, format="png", normalize=True, scale_each=True))
+    for head, head_map in enumerate(big_maps):
+        utils.write_atomic(folder / f"attn-head{head}.png", lambda handle: matplotlib.image.imsave(
+            handle, head_map, cmap=COLOUR_MAP, format="png"))
+
+
+def save_outputs(folder: Path, pixels: torch.Tensor, model_input: torch.Tensor, maps: torch.Tensor,
+                 masks: torch.Tensor | None, mass_kept: list[float] | None, args: argparse.Namespace,
+                 title: str) -> None:
+    """Write DINO's PNGs (``save_dino_pngs``), ``mask-head{h}.png`` when masks are given, and ``attention.png``.
+
+    ``pixels`` uint8 ``[3, H, W]``; ``model_input`` ``[1, 3, H, W]``; ``maps`` ``[heads, h, w]``; ``masks``
+    bool ``[heads, h, w]`` (patch grid) or None.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    big_maps = enlarge(maps.numpy().transpose(1, 2, 0), args.patch_size).transpose(2, 0, 1)
+    save_dino_pngs(folder, model_input, big_maps)
+    big_masks = None
+    if masks is not None:
+        big_masks = enlarge(masks.numpy().transpose(1, 2, 0), args.patch_size).transpose(2, 0, 1)
+        for head, head_mask in enumerate(big_masks):
+            utils.save_image(Image.fromarray(head_mask.astype(np.uint8) * 255), folder / f"mask-head{head}.png")
     image = pixels.permute(1, 2, 0).numpy()
-    utils.save_image(Image.fromarray(image), folder / "img.png")
-    big_maps = enlarge(maps.numpy().transpose(1, 2, 0), patch_size).transpose(2, 0, 1)
-    big_masks = enlarge(masks.numpy().transpose(1, 2, 0), patch_size).transpose(2, 0, 1)
-    for head, (head_map, head_mask) in enumerate(zip(big_maps, big_masks)):
-        utils.save_image(Image.fromarray(colour_map(head_map)), folder / f"attn-head{head}.png")
-        utils.save_image(Image.fromarray(head_mask.astype(np.uint8) * 255), folder / f"mask-head{head}.png")
-    figure = render_figure(image, big_maps, big_masks, mass_kept, threshold, title)
+    figure = render_figure(image, big_maps, big_masks, mass_kept, args.threshold, title)
     utils.write_atomic(folder / "attention.png", lambda handle: figure.savefig(handle, format="png"))
 
 
@@ -242,21 +295,26 @@ def save_outputs(folder: Path, pixels: torch.Tensor, maps: torch.Tensor, masks: 
 # ----------------------------------------------------------------------------------------------
 def visualize_image(model: vits.VisionTransformer, path: Path, folder: Path, args: argparse.Namespace,
                     device: torch.device) -> dict:
-    """Maps, masks and figure of one image; returns its summary entry."""
+    """Maps, masks (with ``--threshold``) and figure of one image; returns its summary entry."""
     pixels, model_input = prepare_image(path, args.image_size, args.patch_size)
     maps, cls_share = attention_maps(model, model_input.to(device))
     maps, cls_share = maps.cpu(), cls_share.cpu()
     heads, grid = maps.shape[0], list(maps.shape[1:])
-    masks = threshold_masks(maps.reshape(heads, -1), args.threshold)
-    shares = maps.reshape(heads, -1) / maps.reshape(heads, -1).sum(dim=-1, keepdim=True)
-    mass_kept = [float(shares[head][masks[head]].sum()) for head in range(heads)]
+    entry = {"image": str(path), "output_dir": str(folder), "size": list(pixels.shape[1:]), "grid": grid,
+             "heads": heads, "cls_to_cls": [round(float(v), 6) for v in cls_share]}
+    masks = mass_kept = None
+    if args.threshold is not None:
+        flat = maps.reshape(heads, -1)
+        masks = threshold_masks(flat, args.threshold)
+        shares = flat / flat.sum(dim=-1, keepdim=True)
+        mass_kept = [float(shares[head][masks[head]].sum()) for head in range(heads)]
+        entry.update(patches_kept=[int(m.sum()) for m in masks], mass_kept=[round(v, 6) for v in mass_kept])
+        masks = masks.reshape(heads, *grid)
     weights = Path(args.pretrained_weights).name if args.pretrained_weights else "random init"
     title = f"{path.name}: last-block CLS attention, {weights} ({args.arch}/{args.patch_size})"
-    save_outputs(folder, pixels, maps, masks.reshape(heads, *grid), args.patch_size, mass_kept, args.threshold, title)
+    save_outputs(folder, pixels, model_input, maps, masks, mass_kept, args, title)
     print(f"{path}: {heads} heads on a {grid[0]}x{grid[1]} grid -> {folder}", flush=True)
-    return {"image": str(path), "output_dir": str(folder), "size": list(pixels.shape[1:]), "grid": grid,
-            "heads": heads, "cls_to_cls": [round(float(v), 6) for v in cls_share],
-            "patches_kept": [int(m.sum()) for m in masks], "mass_kept": [round(v, 6) for v in mass_kept]}
+    return entry
 
 
 def main(args: argparse.Namespace) -> dict:

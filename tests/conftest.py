@@ -1,6 +1,8 @@
 """Shared test set-up: offline, few threads, the project root importable, small fixtures."""
 import contextlib
+import io
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -123,3 +125,70 @@ def dino_backbone_state(patch_size: int = 4, embed_dim: int = 32, depth: int = 1
     shapes.update({"norm.weight": (dim,), "norm.bias": (dim,)})
     generator = torch.Generator().manual_seed(seed)
     return {name: 0.02 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval and copy-detection sets in the real layouts, made from natural photos.
+# ----------------------------------------------------------------------------------------------
+def jpeg(image, quality):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def centre_crop(image, fraction):
+    width, height = image.size
+    w, h = int(width * fraction), int(height * fraction)
+    return image.crop(((width - w) // 2, (height - h) // 2, (width + w) // 2, (height + h) // 2))
+
+
+def strong_edit(image):
+    edited = ImageEnhance.Color(ImageOps.mirror(centre_crop(image, 0.8))).enhance(0.3)
+    return ImageEnhance.Contrast(edited.rotate(8, resample=Image.BICUBIC)).enhance(1.5)
+
+
+@pytest.fixture(scope="module")
+def revisitop_set(tmp_path_factory):
+    """A revisitop-layout set: each photo is a query; its easy and hard copies sit in the database."""
+    root = tmp_path_factory.mktemp("revisitop")
+    folder = root / "tinyox" / "jpg"
+    folder.mkdir(parents=True)
+    imlist, qimlist, gnd = [], [], []
+    for photo_path in PHOTOS:
+        photo = Image.open(photo_path).convert("RGB")
+        name = photo_path.stem
+        copies = {"easy": jpeg(centre_crop(photo, 0.9), 60), "hard": strong_edit(photo),
+                  "junk": centre_crop(photo, 0.3)}
+        entry = {"bbx": [4, 4, photo.width - 4, photo.height - 4]}
+        for kind, copy in copies.items():
+            copy.save(folder / f"{name}_{kind}.jpg")
+            entry[kind] = [len(imlist)]
+            imlist.append(f"{name}_{kind}")
+        photo.save(folder / f"{name}_query.jpg")
+        qimlist.append(f"{name}_query")
+        gnd.append(entry)
+    with open(root / "tinyox" / "gnd_tinyox.pkl", "wb") as handle:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, handle)
+    return root
+
+
+@pytest.fixture(scope="module")
+def copydays_set(tmp_path_factory):
+    """Copydays layout from the photos: originals, strong edits, JPEG qualities, crops; plus extra folders."""
+    root = tmp_path_factory.mktemp("copydays")
+    blocks = {"strong": strong_edit, "jpegqual/10": lambda im: jpeg(im, 10), "jpegqual/50": lambda im: jpeg(im, 50),
+              "crops/50": lambda im: centre_crop(im, 0.7), "crops/20": lambda im: centre_crop(im, 0.9)}
+    for folder in ["original", *blocks, "distractors", "whitening"]:
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index, photo_path in enumerate(PHOTOS):
+        photo = Image.open(photo_path).convert("RGB")
+        name = f"{100 + index}000"
+        photo.save(root / "original" / f"{name}.jpg")
+        for block, edit in blocks.items():
+            edit(photo).save(root / block / (f"{name[:4]}01.jpg" if block == "strong" else f"{name}.jpg"))
+        ImageOps.flip(photo).save(root / "whitening" / f"{name}.jpg")
+        noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        noise.save(root / "distractors" / f"noise{index}.jpg")
+        ImageOps.invert(photo).save(root / "whitening" / f"inverted{index}.jpg")
+    return root

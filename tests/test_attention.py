@@ -1,15 +1,23 @@
-"""Attention maps: exact sums, DINO's thresholded masks, the script end to end."""
+"""Attention maps: exact sums, DINO's thresholded masks, DINO's PNGs to the grey level, the script end to end."""
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
+from matplotlib import colormaps
 from PIL import Image
+from torchvision import transforms
 
 import vision_transformer as vits
 import visualize_attention as va
-from conftest import TINY_BACKBONE_ARGS
+from conftest import ROOT, TINY_BACKBONE_ARGS, dino_backbone_state
+
+# The tiny backbone without --patch_size, which the script then takes from the weights (or DINO's 8).
+TINY_SIZES = ["--arch", "vit_tiny", "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--device", "cpu"]
 
 
 def parse(*extra: str):
@@ -25,6 +33,44 @@ def write_image(path: Path, width: int = 40, height: int = 32, seed: int = 0) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def write_weights(path: Path, patch_size: int, grid: int) -> tuple[Path, dict]:
+    """DINO-layout backbone weights (depth 1, width 32) with ``patch_size`` patches and a ``grid`` x ``grid``
+    position embedding, saved to ``path``; returns the path and the state."""
+    state = dino_backbone_state(patch_size=patch_size, embed_dim=32, depth=1, grid=grid)
+    torch.save(state, path)
+    return path, state
+
+
+def dino_pngs(image: Path, state: dict, patch_size: int, image_size: list[int], folder: Path) -> np.ndarray:
+    """What DINO's visualize_attention.py writes for ``image``, step by step with the same library calls: its
+    transform and crop, the CLS row, nearest upsampling by the patch, ``save_image(make_grid(normalize=True,
+    scale_each=True))`` for img.png and ``plt.imsave`` (its default colour map, viridis) for each head.
+    Returns the upsampled maps ``[heads, H, W]``."""
+    model = vits.vit_tiny(patch_size=patch_size, img_size=16, embed_dim=32, depth=1, num_heads=2).eval()
+    model.load_state_dict(state)
+    transform = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(),
+                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    with open(image, "rb") as handle:
+        img = transform(Image.open(handle).convert("RGB"))
+    height, width = img.shape[1] - img.shape[1] % patch_size, img.shape[2] - img.shape[2] % patch_size
+    img = img[:, :height, :width].unsqueeze(0)
+    with torch.no_grad():
+        attentions = model.get_last_selfattention(img)
+    heads = attentions.shape[1]
+    attentions = attentions[0, :, 0, 1:].reshape(heads, height // patch_size, width // patch_size)
+    attentions = F.interpolate(attentions.unsqueeze(0), scale_factor=patch_size, mode="nearest")[0].numpy()
+    folder.mkdir()
+    torchvision.utils.save_image(torchvision.utils.make_grid(img, normalize=True, scale_each=True), folder / "img.png")
+    for head in range(heads):
+        plt.imsave(fname=folder / f"attn-head{head}.png", arr=attentions[head], format="png")
+    return attentions
+
+
+def png_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.array(image)
 
 
 def tiny_model() -> vits.VisionTransformer:
@@ -70,8 +116,8 @@ def test_masks_keep_the_mass_with_the_fewest_patches(threshold):
 # ----------------------------------------------------------------------------------------------
 def test_script_on_one_image_writes_maps_masks_and_figure(tmp_path, capsys):
     image, output = write_image(tmp_path / "photo.png"), tmp_path / "out"
-    result = va.main(parse("--random_init", "--image_path", str(image), "--image_size", "16", "--output_dir",
-                           str(output), "--output_json", str(tmp_path / "attention.json")))
+    result = va.main(parse("--random_init", "--image_path", str(image), "--image_size", "16", "--threshold", "0.6",
+                           "--output_dir", str(output), "--output_json", str(tmp_path / "attention.json")))
     assert final_line(capsys.readouterr().out) == json.loads((tmp_path / "attention.json").read_text()) == result
     entry, = result["images"]
     # A 40x32 image with its shorter side resized to 16 is 20x16: a 4x5 grid of 4 px patches.
@@ -81,7 +127,7 @@ def test_script_on_one_image_writes_maps_masks_and_figure(tmp_path, capsys):
     assert {path.name for path in output.iterdir()} == names
     for head in range(2):
         with Image.open(output / f"attn-head{head}.png") as heat, Image.open(output / f"mask-head{head}.png") as mask:
-            assert heat.size == mask.size == (20, 16) and heat.mode == "RGB"
+            assert heat.size == mask.size == (20, 16) and heat.mode == "RGBA"  # plt.imsave's mode, as DINO's
             pixels = np.array(mask)
             assert set(np.unique(pixels)) <= {0, 255}
             assert (pixels == 255).sum() == entry["patches_kept"][head] * 16  # whole 4x4 patches
@@ -138,10 +184,11 @@ def test_every_image_of_a_folder_gets_its_own_output_folder(tmp_path):
     written = [Path(entry["output_dir"]) for entry in result["images"]]
     assert [path.name for path in written] == ["a.jpg", "a.png", "a.png.png"]
     assert sorted(path.name for path in output.iterdir()) == ["a.jpg", "a.png", "a.png.png"]
-    for entry, seed in zip(result["images"], (0, 1, 2)):  # each folder holds its own image, none overwritten
-        pixels, _ = va.prepare_image(entry["image"], [16], 4)
-        assert np.array_equal(np.array(Image.open(Path(entry["output_dir"]) / "img.png")),
-                              pixels.permute(1, 2, 0).numpy())
+    for entry in result["images"]:  # each folder holds its own image, none overwritten
+        _, model_input = va.prepare_image(entry["image"], [16], 4)
+        own = tmp_path / f"{Path(entry['image']).name}.png"
+        torchvision.utils.save_image(model_input, own, normalize=True, scale_each=True)  # as img.png is written
+        assert np.array_equal(png_pixels(Path(entry["output_dir"]) / "img.png"), png_pixels(own))
         assert Path(entry["image"]).name == Path(entry["output_dir"]).name
 
 
@@ -153,3 +200,65 @@ def test_an_input_image_where_an_output_folder_would_go_is_refused_before_any_wo
         va.main(parse("--random_init", "--image_path", str(folder), "--image_size", "16", "--output_dir",
                       str(folder)))
     assert [path.name for path in folder.iterdir()] == ["a.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# DINO's defaults and files.
+# ----------------------------------------------------------------------------------------------
+def test_img_and_attention_pngs_equal_dinos_to_the_grey_level(tmp_path):
+    image = write_image(tmp_path / "photo.png")
+    weights, state = write_weights(tmp_path / "weights.pth", patch_size=4, grid=4)
+    va.main(va.get_args_parser().parse_args(TINY_SIZES + ["--pretrained_weights", str(weights), "--patch_size", "4",
+                                                          "--image_path", str(image), "--image_size", "16",
+                                                          "--output_dir", str(tmp_path / "ours")]))
+    attentions = dino_pngs(image, state, 4, [16], tmp_path / "dino")
+    for name in ("img.png", "attn-head0.png", "attn-head1.png"):
+        ours, dinos = png_pixels(tmp_path / "ours" / name), png_pixels(tmp_path / "dino" / name)
+        assert ours.shape == dinos.shape and np.array_equal(ours, dinos), name
+    # The case tells truncation (matplotlib's bytes) from rounding: rounded colours differ from DINO's somewhere.
+    scaled = (attentions[0] - attentions[0].min()) / (attentions[0].max() - attentions[0].min())
+    rounded = (colormaps["viridis"](scaled)[..., :3] * 255).round()
+    assert (rounded != png_pixels(tmp_path / "dino" / "attn-head0.png")[..., :3]).any()
+
+
+@pytest.mark.parametrize("weights, image_size, patch_size", [
+    ("patch 8", "16", 8),  # DINO's ViT-S/8 case: a patch-16 default could not load these
+    ("DINO's main_dino.py checkpoint", "32", 16),  # a real DINO training checkpoint (vit_tiny, patch 16)
+    ("random", "16", 8),  # DINO's default
+])
+def test_patch_size_is_the_weights_or_dinos_8(weights, image_size, patch_size, tmp_path):
+    if weights == "patch 8":
+        source = ["--pretrained_weights", str(write_weights(tmp_path / "w.pth", patch_size=8, grid=2)[0])]
+    elif weights == "random":
+        source = ["--random_init"]
+    else:
+        source = ["--pretrained_weights", str(ROOT / "tests" / "fixtures" / "dino_main_checkpoint_tiny.pth")]
+    result = va.main(va.get_args_parser().parse_args(TINY_SIZES + source + [
+        "--image_path", str(write_image(tmp_path / "photo.png", 32, 32)), "--image_size", image_size,
+        "--output_dir", str(tmp_path / "out")]))
+    side = int(image_size) // patch_size
+    assert result["patch_size"] == patch_size and result["images"][0]["grid"] == [side, side]
+
+
+def test_a_patch_size_the_weights_contradict_is_named_before_any_output(tmp_path):
+    weights, _ = write_weights(tmp_path / "w.pth", patch_size=8, grid=2)
+    with pytest.raises(ValueError, match=r"--patch_size 4 contradicts --pretrained_weights .*w.pth, whose patch "
+                                         r"embedding \(patch_embed.proj.weight\) has 8x8 px patches; leave out "
+                                         r"--patch_size to take the weights' 8"):
+        va.main(va.get_args_parser().parse_args(TINY_SIZES + [
+            "--pretrained_weights", str(weights), "--patch_size", "4", "--image_path",
+            str(write_image(tmp_path / "photo.png")), "--output_dir", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_threshold_no_masks_are_drawn(tmp_path):
+    image_args = ["--random_init", "--image_path", str(write_image(tmp_path / "photo.png")), "--image_size", "16"]
+    off = va.main(parse(*image_args, "--output_dir", str(tmp_path / "off")))
+    on = va.main(parse(*image_args, "--threshold", "0.6", "--output_dir", str(tmp_path / "on")))
+    assert off["threshold"] is None and on["threshold"] == 0.6
+    assert "patches_kept" not in off["images"][0] and "mass_kept" not in off["images"][0]
+    assert on["images"][0]["cls_to_cls"] == off["images"][0]["cls_to_cls"]
+    assert sorted(path.name for path in (tmp_path / "off").iterdir()) == [
+        "attention.png", "attn-head0.png", "attn-head1.png", "img.png"]
+    one_row, two_rows = (png_pixels(tmp_path / run / "attention.png") for run in ("off", "on"))
+    assert one_row.shape[1] == two_rows.shape[1] and one_row.shape[0] < two_rows.shape[0]  # no mask row

@@ -376,7 +376,8 @@ def test_unwritable_outputs_are_named_before_the_model_is_built(tmp_path):
     blocker.write_text("in the way\n")
     (tmp_path / "data").mkdir()
     missing = ("--pretrained_weights", str(tmp_path / "missing.pth"), "--data_path", str(tmp_path / "data"))
-    with pytest.raises(NotADirectoryError, match=r"the folder of --output_json .*a_file/c.json .*a_file cannot be a folder"):
+    with pytest.raises(NotADirectoryError,
+                       match=r"the folder of --output_json .*a_file/c.json .*a_file cannot be a folder"):
         ec.main(parse(*missing, "--output_json", str(blocker / "c.json")))
     with pytest.raises(NotADirectoryError, match=r"the folder of --visualize N DIR .*a_file/figures cannot be a "
                                                  r"folder: .*a_file is a file"):

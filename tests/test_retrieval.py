@@ -1,12 +1,10 @@
 """Retrieval metrics by hand, and the retrieval and copy-detection scripts on tiny real-layout sets."""
-import io
 import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageEnhance, ImageOps
 
 import eval_copy_detection
 import eval_image_retrieval
@@ -55,48 +53,6 @@ def test_protocols_choose_positives_and_junk():
 # ----------------------------------------------------------------------------------------------
 # Tiny data sets in the real layouts, made from natural photos.
 # ----------------------------------------------------------------------------------------------
-def jpeg(image, quality):
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
-def centre_crop(image, fraction):
-    width, height = image.size
-    w, h = int(width * fraction), int(height * fraction)
-    return image.crop(((width - w) // 2, (height - h) // 2, (width + w) // 2, (height + h) // 2))
-
-
-def strong_edit(image):
-    edited = ImageEnhance.Color(ImageOps.mirror(centre_crop(image, 0.8))).enhance(0.3)
-    return ImageEnhance.Contrast(edited.rotate(8, resample=Image.BICUBIC)).enhance(1.5)
-
-
-@pytest.fixture(scope="module")
-def revisitop_set(tmp_path_factory):
-    """A revisitop-layout set: each photo is a query; its easy and hard copies sit in the database."""
-    root = tmp_path_factory.mktemp("revisitop")
-    folder = root / "tinyox" / "jpg"
-    folder.mkdir(parents=True)
-    imlist, qimlist, gnd = [], [], []
-    for photo_path in PHOTOS:
-        photo = Image.open(photo_path).convert("RGB")
-        name = photo_path.stem
-        copies = {"easy": jpeg(centre_crop(photo, 0.9), 60), "hard": strong_edit(photo),
-                  "junk": centre_crop(photo, 0.3)}
-        entry = {"bbx": [4, 4, photo.width - 4, photo.height - 4]}
-        for kind, copy in copies.items():
-            copy.save(folder / f"{name}_{kind}.jpg")
-            entry[kind] = [len(imlist)]
-            imlist.append(f"{name}_{kind}")
-        photo.save(folder / f"{name}_query.jpg")
-        qimlist.append(f"{name}_query")
-        gnd.append(entry)
-    with open(root / "tinyox" / "gnd_tinyox.pkl", "wb") as handle:
-        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, handle)
-    return root
-
-
 def retrieval_args(data, output, *extra):
     return eval_image_retrieval.get_args_parser().parse_args(
         TINY_BACKBONE_ARGS + ["--data_path", str(data), "--dataset", "tinyox", "--imsize", "48", "--num_workers", "0",
@@ -124,28 +80,6 @@ def test_retrieval_script_end_to_end(revisitop_set, trained_checkpoint, tmp_path
 def test_retrieval_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="gnd_roxford5k.pkl"):
         eval_image_retrieval.main(retrieval_args(tmp_path, tmp_path, "--random_init", "--dataset", "roxford5k"))
-
-
-@pytest.fixture(scope="module")
-def copydays_set(tmp_path_factory):
-    """Copydays layout from the photos: originals, strong edits, JPEG qualities, crops; plus extra folders."""
-    root = tmp_path_factory.mktemp("copydays")
-    blocks = {"strong": strong_edit, "jpegqual/10": lambda im: jpeg(im, 10), "jpegqual/50": lambda im: jpeg(im, 50),
-              "crops/50": lambda im: centre_crop(im, 0.7), "crops/20": lambda im: centre_crop(im, 0.9)}
-    for folder in ["original", *blocks, "distractors", "whitening"]:
-        (root / folder).mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index, photo_path in enumerate(PHOTOS):
-        photo = Image.open(photo_path).convert("RGB")
-        name = f"{100 + index}000"
-        photo.save(root / "original" / f"{name}.jpg")
-        for block, edit in blocks.items():
-            edit(photo).save(root / block / (f"{name[:4]}01.jpg" if block == "strong" else f"{name}.jpg"))
-        ImageOps.flip(photo).save(root / "whitening" / f"{name}.jpg")
-        noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-        noise.save(root / "distractors" / f"noise{index}.jpg")
-        ImageOps.invert(photo).save(root / "whitening" / f"inverted{index}.jpg")
-    return root
 
 
 def copydays_args(root, output, *extra):

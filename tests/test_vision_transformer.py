@@ -98,7 +98,7 @@ def relative_max_error(ours, theirs):
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (96, 96), (480, 480), (64, 160), (160, 64), (320, 256),
-                                           (112, 448)])
+                                           (112, 448), (480, 854), (50, 37), (230, 230), (224, 230), (239, 224)])
 def test_every_size_gives_dino_outputs(model_and_reference, height, width):
     model, reference = model_and_reference
     images = torch.randn(2, 3, height, width)
@@ -121,6 +121,18 @@ def test_position_embeddings_are_resampled_exactly_as_dino(grid_h, grid_w):
     with torch.no_grad():
         assert torch.equal(model.resample_pos_embed(grid_h, grid_w), expected)
     assert model.resample_pos_embed(14, 14) is model.pos_embed  # the native grid is used as it is
+
+
+@pytest.mark.parametrize("height, width", [(480, 854), (20, 33), (230, 230), (224, 230), (239, 224)])
+def test_position_embeddings_of_sizes_not_multiples_of_the_patch_follow_dino(height, width):
+    """DINO's rule on the uncropped size is ours on the cropped grid, except that DINO keeps the native
+    embeddings only for square images: 224x230 is resampled (by its nudged scale) though its grid is native."""
+    torch.manual_seed(0)
+    model = vits.vit_small(patch_size=16, embed_dim=32, depth=1, num_heads=2)  # native grid 14x14
+    expected = dino_pos_encoding(model.pos_embed, 16, (1, 3, height, width))
+    with torch.no_grad():
+        assert torch.equal(model.resample_pos_embed(height // 16, width // 16, height == width), expected)
+    assert torch.equal(expected, model.pos_embed) == ((height // 16, width // 16) == (14, 14) and height == width)
 
 
 def test_position_embeddings_resample_in_float32_for_bfloat16_parameters():
@@ -176,10 +188,34 @@ def test_gradients_reach_every_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_edge_pixels_beyond_whole_patches_are_dropped_as_in_dino(capsys):
+    torch.manual_seed(0)
+    model = vits.vit_small(patch_size=16, embed_dim=32, depth=1, num_heads=2).eval()
+    frame = torch.randn(1, 3, 480, 854)  # a DAVIS frame
+    cropped = frame[..., :480, :848]
+    with torch.no_grad():
+        tokens = model.get_intermediate_layers(frame)[0]
+        assert tokens.shape == (1, 1 + 30 * 53, 32)  # DINO's 30x53 grid
+        assert torch.equal(tokens, model.get_intermediate_layers(cropped)[0])
+        assert torch.equal(model.forward_features(frame), model.forward_features(cropped))
+        assert torch.equal(model(frame), model(cropped))
+        assert torch.equal(model.get_last_selfattention(frame), model.get_last_selfattention(cropped))
+    assert capsys.readouterr().out == ("warning: input 480x854 is not a multiple of patch 16: using 480x848, as DINO "
+                                       "(the right 6 and bottom 0 pixels are dropped); reported once per model\n")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 35, 47))  # said once per model: not again
+        assert capsys.readouterr().out == ""
+        vits.vit_small(patch_size=16, embed_dim=32, depth=1, num_heads=2)(torch.randn(1, 3, 35, 47))
+    assert capsys.readouterr().out.startswith("warning: input 35x47 is not a multiple of patch 16: using 32x32, "
+                                              "as DINO (the right 15 and bottom 3 pixels are dropped)")
+
+
 def test_bad_inputs_give_clear_errors():
     model = vits.vit_tiny(patch_size=8, **TINY)
-    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
-        model(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="image size 7x32 is smaller than one patch"):
+        model(torch.randn(1, 3, 7, 32))
+    with pytest.raises(ValueError, match=r"expected images \[B, C, H, W\], got a tensor of shape \(3, 32, 32\)"):
+        model(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="n must be between 1 and the depth 2"):
         model.get_intermediate_layers(torch.randn(1, 3, 16, 16), n=3)
 
