@@ -40,6 +40,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import initialisation
 import utils
 import vision_transformer as vits
 from patch_matching import MATCHING_MODES
@@ -203,6 +204,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "in --output_dir that another lineage wrote (e.g. before a continuation with "
                             "--allow_args_change) are never overwritten: they are moved into a superseded_<time> "
                             "sub-folder, with copies of log.txt and args.json.")
+    group.add_argument("--init_weights", default=None, type=str,
+                       help="Continued pre-training: start student and teacher from these weights instead of random "
+                            "ones: a file (DINO's released backbone, a DINO or pwself training checkpoint, a timm or "
+                            "DINO state dict) or a released name (dino_vits16, ...: downloaded once). Their heads are "
+                            "loaded too where the file holds heads of this run's shapes, else fresh. Not a resume: "
+                            "epochs and schedules start at zero. What was loaded is printed and recorded "
+                            "(init_record in args.json, init in log.txt); a restart resumes checkpoint.pth and "
+                            "never loads the file again. The file must be of --arch/--patch_size's ViT.")
+    group.add_argument("--init_checkpoint_key", default="teacher", type=str,
+                       help="With --init_weights: the entry of a training checkpoint to start from (teacher or "
+                            "student), backbone and head.")
+    group.add_argument("--freeze_backbone_epochs", default=0, type=int,
+                       help="Train only the heads for this many first epochs: the backbone's weights stay bitwise "
+                            "as loaded (no gradient step, no EMA), so that fresh heads on trained weights do not "
+                            "send large random gradients into them. 0: off.")
+    group.add_argument("--init_knn_data", default=None, type=str,
+                       help="A folder with train/ and val/ class folders: the teacher's 20-NN top-1 there is printed "
+                            "and logged (init_knn_top1) before the first step, the starting point of a run "
+                            "initialised from weights.")
     group.add_argument("--allow_args_change", action="store_true",
                        help="Resume even though arguments that decide the result (RESUME_CRITICAL_ARGS: model, "
                             "loss, schedules, crops, batch size, seed, epochs) or the number of images or "
@@ -227,7 +247,7 @@ def validate_args(args: argparse.Namespace) -> None:
     utils.apply_dino_launch_args(args)
     apply_use_fp16(args)
     problems = (vits.check_backbone_args(args) + _count_problems(args) + _crop_problems(args)
-                + _optimisation_problems(args) + _ineffective_option_problems(args) + _path_problems(args))
+                + _optimisation_problems(args) + _ineffective_option_problems(args) + _initialisation_problems(args) + _path_problems(args))
     if problems:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
 
@@ -313,6 +333,7 @@ def _ineffective_option_problems(args: argparse.Namespace) -> list[str]:
         ("teacher_patch_temp", args.patch_head == "ibot",
          "--patch_head ibot (the other heads' patch tokens follow --teacher_temp)"),
         ("cls_weight", args.patch_loss, "--patch_loss true (without patch tokens CLS is the whole loss)"),
+        ("init_checkpoint_key", args.init_weights is not None, "--init_weights"),
         ("matching", args.patch_loss, "--patch_loss true (without patch tokens nothing is matched)"),
         ("loss_chunk_mib", uses_fused_loss(args),
          "the fused loss (--fused_loss true, or auto with --patch_loss true)"),
@@ -329,6 +350,25 @@ def _ineffective_option_problems(args: argparse.Namespace) -> list[str]:
     return [f"--{name} {getattr(args, name)} has no effect in this run: it needs {need}; set that, or leave "
             f"--{name} out" for name, acts, need in needs
             if not acts and getattr(args, name) != defaults.get_default(name)]
+
+
+def _initialisation_problems(args: argparse.Namespace) -> list[str]:
+    """``--init_weights`` and its companions: a file that does not exist, a resume asked at the same time,
+    a frozen backbone beyond the run, a k-NN folder that is not one."""
+    problems = []
+    if args.init_weights is not None:
+        if vits.reference_weights(args.init_weights) is None and not Path(args.init_weights).is_file():
+            problems.append(f"--init_weights {args.init_weights} is neither a file nor a released name "
+                            f"({', '.join(vits.REFERENCE_WEIGHTS)})")
+        if args.resume_from is not None:
+            problems.append("--init_weights starts a new run and --resume_from continues one: give one of them")
+    if not 0 <= args.freeze_backbone_epochs <= args.epochs:
+        problems.append(f"--freeze_backbone_epochs {args.freeze_backbone_epochs} must lie in [0, --epochs "
+                        f"{args.epochs}]")
+    if args.init_knn_data is not None and not all((Path(args.init_knn_data) / split).is_dir()
+                                                  for split in ("train", "val")):
+        problems.append(f"--init_knn_data {args.init_knn_data} must hold train/ and val/ class folders")
+    return problems
 
 
 def _path_problems(args: argparse.Namespace) -> list[str]:
@@ -665,12 +705,22 @@ class Trainer:
         if not math.isfinite(loss_value):
             self._stop_on_non_finite(loss_value, stats, epoch, iteration_in_epoch)
         self._optimise(loss, epoch)
-        utils.ema_update(self.teacher, self.student_module, float(self.schedules.momentum[iteration]))
+        momentum = float(self.schedules.momentum[iteration])
+        if self.backbone_frozen(epoch):  # only the heads move: the teacher's backbone stays bitwise as loaded
+            for name, teacher_part in self.teacher.named_children():
+                if name != "backbone":
+                    utils.ema_update(teacher_part, getattr(self.student_module, name), momentum)
+        else:
+            utils.ema_update(self.teacher, self.student_module, momentum)
         if not self.args.patch_loss:
             stats = {k: v for k, v in stats.items() if k not in ("loss_patch", "matched_patches")}
         return {"loss": loss_value, **stats, "lr": self.optimizer.param_groups[0]["lr"],
                 "wd": self.optimizer.param_groups[0]["weight_decay"],
                 "teacher_temp": float(self.loss_fn.teacher_temps[epoch]), **self._patch_temperature(epoch)}
+
+    def backbone_frozen(self, epoch: int) -> bool:
+        """Whether only the heads train in ``epoch`` (``--freeze_backbone_epochs``)."""
+        return epoch < self.args.freeze_backbone_epochs
 
     def _patch_temperature(self, epoch: int) -> dict[str, float]:
         """``teacher_patch_temp`` for the log when the patch tokens have their own schedule (``--patch_head ibot``)."""
@@ -731,6 +781,9 @@ class Trainer:
         if self.args.clip_grad:
             utils.clip_gradients(self.student_module, self.args.clip_grad)
         utils.cancel_gradients_last_layer(epoch, self.student_module, self.args.freeze_last_layer)
+        if self.backbone_frozen(epoch):  # no gradient: AdamW leaves the weights and their moments as they are
+            for parameter in self.student_module.backbone.parameters():
+                parameter.grad = None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -1072,12 +1125,41 @@ def build_trainer(args: argparse.Namespace, device: torch.device, loader: DataLo
                    autocast_dtype, device, run_facts)
 
 
+def initial_weights(args: argparse.Namespace, source: tuple[Path, dict | None]) -> initialisation.InitWeights | None:
+    """The ``--init_weights`` to start from, read and checked; None when there is none or when a checkpoint is
+    resumed (which must then come from the same initialisation). Sets ``args.init_record``: the record of what
+    was loaded, carried over from the checkpoint on a resume."""
+    path, checkpoint = source
+    if checkpoint is not None:
+        if args.init_weights is not None:
+            initialisation.refuse_other_initialisation(checkpoint, args, path)
+        args.init_record = (checkpoint.get("args") or {}).get("init_record")
+        return None
+    args.init_record = None
+    return initialisation.load_init_weights(args) if args.init_weights is not None else None
+
+
+def start_from_weights(trainer: Trainer, init: initialisation.InitWeights) -> None:
+    """Load ``init`` into student and teacher, record it in ``args.init_record`` and, with ``--init_knn_data``,
+    the teacher's k-NN before the first step."""
+    args = trainer.args
+    args.init_record = initialisation.apply_init_weights(trainer.student_module, trainer.teacher, init,
+                                                         args.init_weights)
+    if args.init_knn_data is not None:
+        top1 = initialisation.knn_top1(trainer.teacher.backbone, args.init_knn_data, args.global_crops_size,
+                                       trainer.device)
+        args.init_record["knn_top1"] = round(top1, 2)
+        print(f"Initial teacher: 20-NN top-1 {top1:.2f} on {args.init_knn_data}", flush=True)
+
+
 def write_epoch_outputs(trainer: Trainer, output_dir: Path, epoch: int, train_stats: dict) -> None:
-    """Rank 0: one JSON line in log.txt, the periodic copy, then checkpoint.pth (atomically, last)."""
+    """Rank 0: one JSON line in log.txt (the first with ``init``, what ``--init_weights`` loaded), the periodic
+    copy, then checkpoint.pth (atomically, last)."""
     if not utils.is_main_process():
         return
+    init = {"init": trainer.args.init_record} if epoch == 0 and trainer.args.init_record else {}
     with open(output_dir / "log.txt", "a") as log:
-        log.write(json.dumps({"epoch": epoch, **train_stats}) + "\n")
+        log.write(json.dumps({"epoch": epoch, **train_stats, **init}) + "\n")
     keep = trainer.args.saveckp_freq and (epoch + 1) % trainer.args.saveckp_freq == 0
     save_checkpoint(trainer, ResumePoint(epoch + 1), also=(output_dir / f"checkpoint{epoch:04}.pth",) if keep else ())
 
@@ -1192,8 +1274,13 @@ def main(args: argparse.Namespace) -> Trainer:
         print("\n".join(f"{name}: {value}" for name, value in sorted(vars(args).items())), flush=True)
         loader = build_loader(args)
         source = resume_checkpoint(output_dir, args.resume_from)  # read once: its grid shapes the models
-        trainer = build_trainer(args, device, loader, checkpoint_patches(source[1]))
+        init = initial_weights(args, source)
+        grid = checkpoint_patches(source[1]) if init is None else init.num_patches
+        trainer = build_trainer(args, device, loader, grid)
+        if init is not None:
+            start_from_weights(trainer, init)
         resume = start_or_resume(output_dir, trainer, source)
+        del init
         del source  # the checkpoint's own tensors (a second copy of the model) are not needed while training
         if resume.epoch >= args.epochs:
             print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {resume.epoch} "
