@@ -16,7 +16,6 @@ dumps and reports its result under the recorded weights. DINO's command lines pa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -144,17 +143,6 @@ def _all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) of the names, dtypes, shapes and bytes of ``tensors``: the identity of the weights (or
-    features) a result came from, whatever file, key or seed produced them."""
-    hasher = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        tensor = tensor.detach().cpu().contiguous()
-        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return hasher.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------
 # The classifier.
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +210,8 @@ def compute_features(args: argparse.Namespace, device: torch.device):
     model = vits.build_frozen_backbone(args, img_size=args.crop_size)
     source = {"weights": args.pretrained_weights or "random_init", "weights_path": weights_identity(args),
               "checkpoint_key": args.checkpoint_key if args.pretrained_weights else None,
-              "weights_sha256": tensors_digest(model.state_dict()), "data_path": str(Path(args.data_path).resolve()),
+              "weights_sha256": utils.tensors_digest(model.state_dict()),
+              "data_path": str(Path(args.data_path).resolve()),
               "val_split": args.val_split, "resize_size": args.resize_size, "crop_size": args.crop_size,
               "l2_normalised": True}
     model = model.to(device)
@@ -251,7 +240,7 @@ def dump_features(folder: Path, tensors, source: dict) -> None:
     The record is written first: a dump killed midway leaves files that disagree with it, which loading names,
     rather than another dump's record beside these tensors."""
     folder.mkdir(parents=True, exist_ok=True)
-    digests = {name: tensors_digest({name: tensor}) for tensor, name in zip(tensors, FEATURE_FILES)}
+    digests = {name: utils.tensors_digest({name: tensor}) for tensor, name in zip(tensors, FEATURE_FILES)}
     utils.write_text_atomic(json.dumps({**source, "files": digests}, indent=2) + "\n", folder / FEATURE_SOURCE)
     for tensor, name in zip(tensors, FEATURE_FILES):
         utils.write_atomic(folder / name, lambda handle, tensor=tensor: torch.save(tensor, handle))
@@ -263,7 +252,7 @@ def load_dumped_features(folder: Path, source: dict | None) -> list[torch.Tensor
     ``FEATURE_SOURCE`` record ``source`` (None for a dump without one, e.g. DINO's). Errors name the file."""
     tensors = [load_feature_file(folder / name) for name in FEATURE_FILES]
     for tensor, name in zip(tensors, FEATURE_FILES):
-        if source is not None and source.get("files", {}).get(name) != tensors_digest({name: tensor}):
+        if source is not None and source.get("files", {}).get(name) != utils.tensors_digest({name: tensor}):
             raise RuntimeError(f"{folder / name} is not the tensor recorded in {folder / FEATURE_SOURCE} (a dump "
                                "killed midway, or files copied from another dump): dump the features again")
     train_features, test_features, train_labels, test_labels = tensors

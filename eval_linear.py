@@ -31,7 +31,7 @@ from torchvision.transforms import InterpolationMode
 
 import utils
 import vision_transformer as vits
-from eval_knn import IndexedImageFolder, build_split, extract_features, sequential_loader, tensors_digest
+from eval_knn import IndexedImageFolder, build_split, extract_features, sequential_loader
 from transforms_patch import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 CHECKPOINT_NAME = "linear_checkpoint.pth"
@@ -210,7 +210,7 @@ def run_settings(args: argparse.Namespace, model: vits.VisionTransformer) -> dic
     """The ``TRAINING_SETTINGS`` of this run, plus ``weights``, the label that names the weights in messages."""
     weights = (f"{args.pretrained_weights} (--checkpoint_key {args.checkpoint_key})" if args.pretrained_weights
                else "random_init")
-    return {"weights": weights, "weights_sha256": tensors_digest(model.state_dict()),
+    return {"weights": weights, "weights_sha256": utils.tensors_digest(model.state_dict()),
             "n_last_blocks": args.n_last_blocks, "avgpool_patchtokens": args.avgpool_patchtokens,
             "crop_size": args.crop_size, "data_path": str(Path(args.data_path).resolve()), "val_split": args.val_split,
             "resize_size": args.resize_size, "epochs": args.epochs, "lrs": [float(lr) for lr in args.lrs],

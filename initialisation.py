@@ -53,7 +53,6 @@ def load_init_weights(args: argparse.Namespace) -> InitWeights:
     if bad is not None:
         raise ValueError(f"--init_weights {path} holds NaN or infinity in {bad}: a run started from it would diverge "
                          "at once; choose an earlier checkpoint of that run")
-    check_architecture(backbone, args, path)
     entry = checkpoint.get(args.init_checkpoint_key)
     head = head_state(entry) if isinstance(entry, dict) else None
     record = {"file": describe(args), "checkpoint_key": args.init_checkpoint_key if isinstance(entry, dict) else None,
@@ -64,9 +63,9 @@ def load_init_weights(args: argparse.Namespace) -> InitWeights:
     return init
 
 
-def check_architecture(backbone: dict[str, torch.Tensor], args: argparse.Namespace, path: str | Path) -> None:
-    """Stop when the file's ViT (patch, width, depth) is not the one the arguments build, naming both."""
-    model = vits.build_backbone(args, img_size=args.global_crops_size)
+def check_architecture(backbone: dict[str, torch.Tensor], model: vits.VisionTransformer, args: argparse.Namespace,
+                       path: str | Path) -> None:
+    """Stop when the file's ViT (patch, width, depth) is not ``model``, the one the arguments built, naming both."""
     weight = backbone.get("patch_embed.proj.weight")
     depth = len({key.split(".")[1] for key in backbone if key.startswith("blocks.")})
     found = (weight.shape[-1], weight.shape[0], depth) if weight is not None else None
@@ -85,10 +84,12 @@ def head_state(entry: dict) -> dict[str, torch.Tensor] | None:
     return head or None
 
 
-def apply_init_weights(student: nn.Module, teacher: nn.Module, init: InitWeights, path: str) -> dict:
-    """Load the backbone into student and teacher (``MultiCropWrapper``s), and the head where every tensor
-    of it matches this run's head in name and shape (else the heads stay fresh, and the record says why).
-    Returns the completed record, which is also printed."""
+def apply_init_weights(student: nn.Module, teacher: nn.Module, init: InitWeights, args: argparse.Namespace) -> dict:
+    """Load the backbone into student and teacher (``MultiCropWrapper``s), after checking it is their ViT, and
+    the head where every tensor of it matches this run's head in name and shape (else the heads stay fresh, and
+    the record says why). Returns the completed record, which is also printed."""
+    path = args.init_weights
+    check_architecture(init.backbone, student.backbone, args, path)
     for model in (student, teacher):
         utils.load_state_strict(model.backbone, init.backbone, "backbone (--init_weights)", path)
     record = dict(init.record)
@@ -120,8 +121,8 @@ def refuse_other_initialisation(checkpoint: dict, args: argparse.Namespace, path
     started = (f"initialised from {saved.get('file')} (key {saved.get('checkpoint_key')})" if saved else
                "not started from --init_weights")
     raise ValueError(f"{path} exists: rerunning would resume that run, which was {started}, while this command asks "
-                     f"for --init_weights {asked['file']} (--init_checkpoint_key {asked['checkpoint_key']}). To start a "
-                     "new initialised run, choose another --output_dir; to continue that run, give its own "
+                     f"for --init_weights {asked['file']} (--init_checkpoint_key {asked['checkpoint_key']}). To start "
+                     "a new initialised run, choose another --output_dir; to continue that run, give its own "
                      "--init_weights (or leave it out).")
 
 

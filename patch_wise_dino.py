@@ -221,7 +221,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "send large random gradients into them. 0: off.")
     group.add_argument("--init_knn_data", default=None, type=str,
                        help="A folder with train/ and val/ class folders: the teacher's 20-NN top-1 there is printed "
-                            "and logged (init_knn_top1) before the first step, the starting point of a run "
+                            "and recorded (knn_top1 in init_record) before the first step, the starting point of a run "
                             "initialised from weights.")
     group.add_argument("--allow_args_change", action="store_true",
                        help="Resume even though arguments that decide the result (RESUME_CRITICAL_ARGS: model, "
@@ -247,7 +247,8 @@ def validate_args(args: argparse.Namespace) -> None:
     utils.apply_dino_launch_args(args)
     apply_use_fp16(args)
     problems = (vits.check_backbone_args(args) + _count_problems(args) + _crop_problems(args)
-                + _optimisation_problems(args) + _ineffective_option_problems(args) + _initialisation_problems(args) + _path_problems(args))
+                + _optimisation_problems(args) + _ineffective_option_problems(args) + _initialisation_problems(args)
+                + _path_problems(args))
     if problems:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
 
@@ -1143,8 +1144,7 @@ def start_from_weights(trainer: Trainer, init: initialisation.InitWeights) -> No
     """Load ``init`` into student and teacher, record it in ``args.init_record`` and, with ``--init_knn_data``,
     the teacher's k-NN before the first step."""
     args = trainer.args
-    args.init_record = initialisation.apply_init_weights(trainer.student_module, trainer.teacher, init,
-                                                         args.init_weights)
+    args.init_record = initialisation.apply_init_weights(trainer.student_module, trainer.teacher, init, args)
     if args.init_knn_data is not None:
         top1 = initialisation.knn_top1(trainer.teacher.backbone, args.init_knn_data, args.global_crops_size,
                                        trainer.device)

@@ -6,6 +6,7 @@ import builtins
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -797,6 +798,17 @@ def unsafe_objects_in(path: str | Path) -> list[str]:
     allowed = {kind[1] if isinstance(kind, tuple) else f"{kind.__module__}.{kind.__qualname__}"
                for kind in SAFE_CHECKPOINT_GLOBALS}
     return [name for name in names if name not in allowed]
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of the names, dtypes, shapes and bytes of ``tensors``: the identity of the weights (or
+    features) a result came from, whatever file, key or seed produced them."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return hasher.hexdigest()
 
 
 def first_non_finite(state_dict: dict) -> str | None:

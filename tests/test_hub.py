@@ -2,6 +2,7 @@
 import dataclasses
 import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,15 +52,22 @@ def test_hub_backbone_without_weights_is_random(capsys):
     assert "Loaded" not in capsys.readouterr().out
 
 
-def test_hub_resolves_a_name_from_the_torch_home_cache(tmp_path, monkeypatch):
+def cache_release(tmp_path, monkeypatch, name: str, patch_size: int) -> tuple[dict, Path, str]:
+    """DINO's release ``name`` at tiny sizes (a 2x2 native grid), in the hub cache of a temporary TORCH_HOME,
+    its URL unreachable (any download attempt would fail): ``(state, cached file, url)``."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    entry = vits.REFERENCE_WEIGHTS["dino_vits8"]
-    unreachable = (tmp_path / "unreachable" / entry.file_name).as_uri()  # any download attempt would fail
-    monkeypatch.setitem(vits.REFERENCE_WEIGHTS, "dino_vits8", dataclasses.replace(entry, url=unreachable))
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "dino_deitsmall8_pretrain.pth"
+    entry = vits.REFERENCE_WEIGHTS[name]
+    unreachable = (tmp_path / "unreachable" / entry.file_name).as_uri()
+    monkeypatch.setitem(vits.REFERENCE_WEIGHTS, name, dataclasses.replace(entry, url=unreachable))
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / entry.file_name
     cached.parent.mkdir(parents=True)
-    state = dino_backbone_state(patch_size=8, grid=2)  # a ViT-S/8 at tiny sizes (16 px native)
+    state = dino_backbone_state(patch_size=patch_size, grid=2)
     torch.save(state, cached)
+    return state, cached, unreachable
+
+
+def test_hub_resolves_a_name_from_the_torch_home_cache(tmp_path, monkeypatch):
+    state, cached, unreachable = cache_release(tmp_path, monkeypatch, "dino_vits8", 8)  # 16 px native
     for model in (hub_load("vit_small", pretrained_weights="dino_vits8", **TINY), hub_load("dino_vits8", **TINY)):
         assert model.patch_size == 8  # from the name
         assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
@@ -92,16 +100,8 @@ def test_hub_backbones_take_dino_arguments(tmp_path, entry, patch_size):
 
 @pytest.fixture
 def released_vits16(tmp_path, monkeypatch):
-    """DINO's ViT-S/16 release at tiny sizes, in the hub cache of a temporary TORCH_HOME (its URL unreachable)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    entry = vits.REFERENCE_WEIGHTS["dino_vits16"]
-    unreachable = (tmp_path / "unreachable" / entry.file_name).as_uri()  # any download attempt would fail
-    monkeypatch.setitem(vits.REFERENCE_WEIGHTS, "dino_vits16", dataclasses.replace(entry, url=unreachable))
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "dino_deitsmall16_pretrain.pth"
-    cached.parent.mkdir(parents=True)
-    state = dino_backbone_state(patch_size=16, grid=2)  # 32 px native
-    torch.save(state, cached)
-    return state, cached, unreachable
+    """DINO's ViT-S/16 release at tiny sizes (32 px native), in a temporary hub cache."""
+    return cache_release(tmp_path, monkeypatch, "dino_vits16", 16)
 
 
 def test_hub_pretrained_loads_dinos_release_for_the_arch_and_patch(released_vits16):
