@@ -43,7 +43,7 @@ CIFAR_RECIPE := --arch vit_small --patch_size 4 --global_crops_size 32 --local_c
 	--teacher_temp 0.04 --warmup_teacher_temp 0.04 --print_freq 50
 
 .PHONY: setup test demo compare compare-ablation compare-more compare-scenes compare-scenes-transfer compare-cifar10 \
-	fashion-mnist scenes clean-demo bench-gpu
+	fashion-mnist scenes continue-holdout continue-demo clean-demo bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -104,6 +104,35 @@ compare-cifar10: setup
 	$(PY) prepare_data.py --dataset cifar10 --source $(CIFAR10) --output_dir data/cifar10_holdout --holdout 500
 	$(PY) compare.py --data_path data/cifar10_holdout --output_dir compare_cifar10 --seeds 3 --train_args "$(CIFAR_RECIPE)" \
 		--correspondence_args "--num_images 2000" --device cuda --num_workers 8
+
+# Continued pre-training on the scenes from the DINO teachers of make compare (the scenes as one's own unlabelled
+# images): segmentation and correspondence on the scenes, k-NN and linear on Fashion-MNIST (FMNIST_CHECK).
+CONTINUE_ARGS := $(ARCH) --out_dim 512 --head_hidden_dim 256 --head_bottleneck_dim 64 --global_crops_size 48 \
+	--local_crops_size 24 --local_crops_number 2 --batch_size_per_gpu 32 --epochs 10 --teacher_temp 0.02 \
+	--warmup_teacher_temp 0.02 --print_freq 500
+CONTINUE_RUN := $(PY) compare.py --data_path $(SCENES) --init_from $(COMPARE) --crop_size 64 \
+	--segmentation_args "--epochs 10" --device cpu --num_workers 2
+FMNIST_CHECK := $(PY) compare.py --data_path $(COMPARE_DATA) --crop_size 32 --resize_size 32 --linear_lr 0.3 \
+	--device cpu --num_workers 2
+# The defaults of an initialised run, chosen here on the holdout splits (2 seeds): fresh heads (--init_heads false,
+# as on DINO's released backbones); the base is the from-scratch recipe's schedule.
+CONTINUE_SWEEP := --train_args "$(CONTINUE_ARGS) --init_heads false --lr 0.006 --warmup_epochs 3 \
+	--momentum_teacher 0.99 --freeze_backbone_epochs 0" --variant "lr2=--lr 0.002" --variant "lr06=--lr 0.0006" \
+	--variant "lr2_f1=--lr 0.002 --freeze_backbone_epochs 1" --variant "lr06_f1=--lr 0.0006 --freeze_backbone_epochs 1" \
+	--variant "lr2_w1=--lr 0.002 --warmup_epochs 1" --variant "lr06_w1=--lr 0.0006 --warmup_epochs 1" \
+	--variant "lr2_m996=--lr 0.002 --momentum_teacher 0.996" --variant "lr06_m996=--lr 0.0006 --momentum_teacher 0.996"
+
+continue-holdout: compare scenes
+	$(CONTINUE_RUN) --seeds 2 --eval_split holdout --correspondence_args "--num_images 500" $(CONTINUE_SWEEP) \
+		--output_dir continue_holdout
+	$(FMNIST_CHECK) --seeds 2 --eval_split holdout --correspondence_args "--num_images 500" \
+		--trained_in continue_holdout --output_dir continue_holdout_fmnist
+
+continue-demo: compare scenes
+	$(CONTINUE_RUN) --seeds 3 --correspondence_args "--num_images 1000" --train_args "$(CONTINUE_ARGS)" \
+		--variant "pwself_warmup=--freeze_backbone_epochs 1" --output_dir continue_scenes
+	$(FMNIST_CHECK) --seeds 3 --correspondence_args "--num_images 1000" --trained_in continue_scenes \
+		--output_dir continue_fmnist
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -53,6 +53,7 @@ import vision_transformer as vits
 
 BASE_METHODS = {"dino": ["--patch_loss", "false"], "pwself": ["--patch_loss", "true"]}
 RANDOM = "random"
+START = "start"  # with --init_from: the teachers every continued run starts from, evaluated as they are
 # Arguments that may differ between a comparison and its rerun: they do not change any result.
 FREE_ARGS = ("output_dir", "num_workers", "device", "extend", "debug")
 # A variant's name is its folder in --output_dir: no separators or dot-segments that would lead out of it.
@@ -141,6 +142,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Evaluate the finished teachers of the comparison in this folder (its methods, and "
                              "its first --seeds seeds) instead of training; --train_args and --variant must then "
                              "be left out: they come from that comparison.")
+    parser.add_argument("--init_from", default=None, type=Path,
+                        help="Continued pre-training: every method's seed k starts from the final teacher of "
+                             "--init_method's seed k in the finished comparison in this folder (patch_wise_dino.py "
+                             "--init_weights, which --train_args must leave out). Those teachers are evaluated alike "
+                             "as the method 'start', and the table adds each method's paired difference to start.")
+    parser.add_argument("--init_method", default="dino", type=str,
+                        help="With --init_from: the method of that comparison whose teachers start every run.")
     parser.add_argument("--resize_size", default=None, type=int,
                         help="Evaluation resize of the shorter side (default: the crop size, no border cut).")
     parser.add_argument("--crop_size", default=None, type=int,
@@ -196,9 +204,12 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
     return methods
 
 
-def training_argv(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> list[str]:
-    """patch_wise_dino.py's command line for one training run in ``folder``."""
-    return shlex.split(args.train_args) + extra + [
+def training_argv(args: argparse.Namespace, extra: list[str], seed: int, folder: Path,
+                  init: Path | None = None) -> list[str]:
+    """patch_wise_dino.py's command line for one training run in ``folder``, started from the weights ``init``
+    when given."""
+    start = ["--init_weights", str(init)] if init is not None else []
+    return shlex.split(args.train_args) + extra + start + [
         "--data_path", str(args.data_path / "train"), "--output_dir", str(folder / "train"), "--seed", str(seed),
         "--device", args.device, "--num_workers", str(args.num_workers)]
 
@@ -214,42 +225,71 @@ def training_args(argv: list[str]) -> argparse.Namespace:
 
 
 def plan_runs(args: argparse.Namespace) -> list[Run]:
-    """Every run of the comparison: the random floor (with the first run's model), then methods in order,
-    seeds inside."""
+    """Every run of the comparison: the random floor (with the first run's model), the start teachers with
+    ``--init_from``, then methods in order, seeds inside."""
     if args.trained_in is not None:
         runs = trained_runs(args)
-    else:
-        runs = []
-        for method, extra in parse_variants(args.variant).items():
-            for seed in range(args.seeds):
-                folder = args.output_dir / method / f"seed{seed}"
-                argv = training_argv(args, extra, seed, folder)
-                runs.append(Run(method, seed, folder, training_args(argv), train_argv=argv))
-    return [Run(RANDOM, None, args.output_dir / RANDOM, runs[0].train)] + runs
+        return [random_run(args, runs)] + runs
+    starts = start_runs(args.init_from, args.init_method, args.seeds, args.output_dir) if args.init_from else []
+    runs = []
+    for method, extra in parse_variants(args.variant).items():
+        for seed in range(args.seeds):
+            folder = args.output_dir / method / f"seed{seed}"
+            argv = training_argv(args, extra, seed, folder, starts[seed].weights if starts else None)
+            runs.append(Run(method, seed, folder, training_args(argv), train_argv=argv))
+    return [random_run(args, runs)] + starts + runs
+
+
+def random_run(args: argparse.Namespace, runs: list[Run]) -> Run:
+    """The random-weights floor, with the model of the first run."""
+    return Run(RANDOM, None, args.output_dir / RANDOM, runs[0].train)
+
+
+def finished_run(source: Path, method: str, seed: int, name: str, folder: Path) -> Run:
+    """``method``'s seed ``seed`` of the finished comparison in ``source``, as the run ``name`` evaluated in
+    ``folder``: the training arguments it recorded and its final checkpoint."""
+    run_dir = source / method / f"seed{seed}"
+    if not (run_dir / "train.json").is_file():
+        raise FileNotFoundError(f"{method} seed {seed} in {source} has not finished training ({run_dir / 'train.json'} "
+                                "is missing): finish that comparison first by rerunning its command")
+    train = argparse.Namespace(**load_json(run_dir / "train" / "args.json"))
+    return Run(name, seed, folder, train, run_dir / "train" / "checkpoint.pth")
+
+
+def comparison_settings(source: Path, option: str, seeds: int) -> dict:
+    """The recorded settings of the comparison in ``source`` (named by ``option``), which must have ``seeds``."""
+    settings_path = source / "compare_args.json"
+    if not settings_path.is_file():
+        raise FileNotFoundError(f"{option} {source}: no compare_args.json there; name the --output_dir of a "
+                                "compare.py run")
+    settings = load_json(settings_path)
+    if seeds > settings["seeds"]:
+        raise ValueError(f"--seeds {seeds}: the comparison in {source} has {settings['seeds']} seed(s)")
+    return settings
+
+
+def start_runs(source: Path, method: str, seeds: int, output_dir: Path) -> list[Run]:
+    """The teachers of ``method`` in the comparison ``source`` (seeds ``0 .. seeds - 1``) that continued runs start
+    from, as the method ``start`` evaluated in ``output_dir``."""
+    settings = comparison_settings(source, "--init_from", seeds)
+    if method not in parse_variants(settings["variant"]):
+        raise ValueError(f"--init_method {method}: the comparison in {source} has the methods "
+                         f"{', '.join(parse_variants(settings['variant']))}")
+    return [finished_run(source, method, seed, START, output_dir / START / f"seed{seed}") for seed in range(seeds)]
 
 
 def trained_runs(args: argparse.Namespace) -> list[Run]:
-    """The runs of the finished comparison ``--trained_in``: its methods, seeds ``0 .. --seeds - 1``, each
-    with the training arguments its run recorded and its final checkpoint."""
+    """The runs of the finished comparison ``--trained_in``: its start teachers (if it continued from some), its
+    methods, seeds ``0 .. --seeds - 1``, each with the training arguments its run recorded and its final
+    checkpoint."""
     source = args.trained_in
-    settings_path = source / "compare_args.json"
-    if not settings_path.is_file():
-        raise FileNotFoundError(f"--trained_in {source}: no compare_args.json there; name the --output_dir of a "
-                                "compare.py run")
-    settings = load_json(settings_path)
-    if args.seeds > settings["seeds"]:
-        raise ValueError(f"--seeds {args.seeds}: the comparison in {source} has {settings['seeds']} seed(s)")
+    settings = comparison_settings(source, "--trained_in", args.seeds)
     runs = []
+    if settings.get("init_from") is not None:
+        runs += start_runs(Path(settings["init_from"]), settings["init_method"], args.seeds, args.output_dir)
     for method in parse_variants(settings["variant"]):
-        for seed in range(args.seeds):
-            train_dir = source / method / f"seed{seed}" / "train"
-            if not (source / method / f"seed{seed}" / "train.json").is_file():
-                raise FileNotFoundError(f"{method} seed {seed} in {source} has not finished training ("
-                                        f"{train_dir.parent / 'train.json'} is missing): finish that comparison "
-                                        "first by rerunning its command")
-            train = argparse.Namespace(**load_json(train_dir / "args.json"))
-            runs.append(Run(method, seed, args.output_dir / method / f"seed{seed}", train,
-                            train_dir / "checkpoint.pth"))
+        runs += [finished_run(source, method, seed, method, args.output_dir / method / f"seed{seed}")
+                 for seed in range(args.seeds)]
     return runs
 
 
@@ -263,9 +303,14 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("resize_size", "crop_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.trained_in is not None and (args.train_args or args.variant):
+    if args.trained_in is not None and (args.train_args or args.variant or args.init_from):
         raise ValueError(f"--trained_in {args.trained_in} evaluates that comparison's models with their own "
-                         "training arguments and methods: leave out --train_args and --variant")
+                         "training arguments and methods: leave out --train_args, --variant and --init_from")
+    if args.init_from is None and args.init_method != get_args_parser().get_default("init_method"):
+        raise ValueError(f"--init_method {args.init_method} has no effect without --init_from: give both, or neither")
+    if args.init_from is not None and "--init_weights" in shlex.split(args.train_args):
+        raise ValueError(f"--init_from {args.init_from} gives every run its --init_weights (the teacher of its "
+                         "seed): leave --init_weights out of --train_args")
     if (args.data_path / args.eval_split).resolve() == (args.data_path / "train").resolve():
         raise ValueError(f"--eval_split {args.eval_split} is the training split: the models were trained and "
                          "k-NN and the linear probe are fit on it, so scoring on it measures memory, not features. "
@@ -572,7 +617,7 @@ def spread(values: list[float | None]) -> dict:
 
 
 def summarise(runs: list[Run], metrics: tuple[Metric, ...]) -> dict:
-    """``{"runs": {method: {seed: metrics}}, "methods": {method: {metric: spread}}, "vs_dino": ...,
+    """``{"runs": {method: {seed: metrics}}, "methods": {method: {metric: spread}}, "vs_dino": ..., "vs_start": ...,
     "grids": {method: patch grid}, "floors": {grid: {floor: {metric: value}}}, "metrics": [key, ...]}``."""
     per_run: dict[str, dict[str, dict]] = {}
     for run in runs:
@@ -580,7 +625,8 @@ def summarise(runs: list[Run], metrics: tuple[Metric, ...]) -> dict:
     methods = {method: {metric.key: spread([values[metric.key] for values in seeds.values()]) for metric in metrics}
                for method, seeds in per_run.items()}
     grids = method_grids(runs) if any(metric.floor_read for metric in metrics) else {}
-    return {"runs": per_run, "methods": methods, "vs_dino": paired_differences(per_run, metrics, grids),
+    return {"runs": per_run, "methods": methods, "vs_dino": paired_differences(per_run, metrics, grids, "dino"),
+            "vs_start": paired_differences(per_run, metrics, grids, START) if START in per_run else {},
             "grids": grids, "floors": position_floors(runs, metrics, grids), "metrics": [m.key for m in metrics]}
 
 
@@ -619,24 +665,26 @@ def position_floors(runs: list[Run], metrics: tuple[Metric, ...], grids: dict[st
 
 
 def paired_differences(per_run: dict[str, dict[str, dict]], metrics: tuple[Metric, ...],
-                       grids: dict[str, str]) -> dict:
-    """Each method minus ``dino``, seed by seed: the differences' spread and how many favour the method.
+                       grids: dict[str, str], baseline: str) -> dict:
+    """Each trained method minus ``baseline`` (``dino``, or ``start`` the teachers continued runs began from),
+    seed by seed: the differences' spread and how many favour the method.
 
     "Favour" means higher, except for the correspondence error, where lower is better. Correspondence
-    measured on another patch grid than dino's is not paired (``{"other_grid": True}``): chance differs.
+    measured on another patch grid than the baseline's is not paired (``{"other_grid": True}``): chance differs.
     """
     differences = {}
     for method, seeds in per_run.items():
-        if method in ("dino", RANDOM):
+        if method in (baseline, RANDOM, START):
             continue
         differences[method] = {}
         for metric in metrics:
-            if metric.floor_read is not None and grids.get(method) != grids.get("dino"):
+            if metric.floor_read is not None and grids.get(method) != grids.get(baseline):
                 differences[method][metric.key] = {"mean": None, "std": None, "n": 0, "other_grid": True}
                 continue
-            pairs = [(values[metric.key], per_run["dino"][seed][metric.key]) for seed, values in seeds.items()
-                     if seed in per_run["dino"] and None not in (values[metric.key], per_run["dino"][seed][metric.key])]
-            deltas = [ours - baseline for ours, baseline in pairs]
+            reference = per_run[baseline]
+            pairs = [(values[metric.key], reference[seed][metric.key]) for seed, values in seeds.items()
+                     if seed in reference and None not in (values[metric.key], reference[seed][metric.key])]
+            deltas = [ours - theirs for ours, theirs in pairs]
             sign = -1 if metric.key == "corr_error" else 1
             differences[method][metric.key] = {**spread(deltas), "better": sum(sign * d > 0 for d in deltas)}
     return differences
@@ -675,10 +723,13 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(format_cell(values[m.key]) for m in metrics) + " |")
         if grid in floors:
             lines += floor_lines(floors.pop(grid), metrics, grid if several else None)
-    for method, values in summary["vs_dino"].items():
-        lines.append(f"| {method} − dino, paired | "
-                     + " | ".join(format_cell(values[m.key], signed=True) for m in metrics) + " |")
-    return "\n".join(lines + other_grid_note(summary))
+    for baseline in ("dino", START):
+        for method, values in summary.get(f"vs_{baseline}", {}).items():
+            lines.append(f"| {method} − {baseline}, paired | "
+                         + " | ".join(format_cell(values[m.key], signed=True) for m in metrics) + " |")
+    start = ["", f"start: the teachers every method continued from ({summary['start']}), evaluated alike."] \
+        if summary.get("start") else []
+    return "\n".join(lines + other_grid_note(summary) + start)
 
 
 def floor_lines(floors: dict[str, dict], metrics: tuple[Metric, ...], grid: str | None) -> list[str]:
@@ -779,6 +830,14 @@ def step_seconds(steps: list[Step]) -> dict[str, float]:
     return totals
 
 
+def start_description(args: argparse.Namespace) -> str | None:
+    """Where the ``start`` teachers come from (``"dino of compare_output"``), None without them."""
+    settings = load_json(args.trained_in / "compare_args.json") if args.trained_in else vars(args)
+    if settings.get("init_from") is None:
+        return None
+    return f"{settings['init_method']} of {settings['init_from']}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Script.
 # ----------------------------------------------------------------------------------------------
@@ -797,6 +856,7 @@ def main(args: argparse.Namespace) -> dict:
         summary = summarise(runs, metrics_of(evaluations_of(args)))
         summary["seconds"] = step_seconds(steps)
         summary["eval_split"] = args.eval_split
+        summary["start"] = start_description(args)
         table = markdown_table(summary)
         utils.write_text_atomic(table + "\n", args.output_dir / "comparison.md")
         utils.write_text_atomic(json.dumps(summary, indent=2) + "\n", args.output_dir / "comparison.json")

@@ -22,6 +22,23 @@ from eval_knn import build_split, extract_features, knn_classifier, sequential_l
 from transforms_patch import eval_transform
 
 
+# What an initialised run's options take when left unset (patch_wise_dino.apply_defaults), chosen on the holdout
+# split by continuing PW-Self from trained teachers (docs/continued_pretraining.md): the learning rate as a fraction
+# of DINO's from-scratch default, and the head warm-up for heads that start fresh.
+LR_FRACTION = 0.1
+CONTINUED_DEFAULTS = {"warmup_epochs": 1, "momentum_teacher": 0.996}
+HEAD_WARMUP_EPOCHS = 1
+
+
+def continued_defaults(scratch_lr: float, record: dict | None = None) -> dict:
+    """The defaults of a run started from weights: ``{option: value}``, with ``freeze_backbone_epochs`` only once
+    ``record`` (``init_record``) tells whether the heads start fresh (then ``HEAD_WARMUP_EPOCHS``, else 0)."""
+    defaults = {"lr": scratch_lr * LR_FRACTION, **CONTINUED_DEFAULTS}
+    if record is not None:
+        defaults["freeze_backbone_epochs"] = HEAD_WARMUP_EPOCHS if record.get("heads", "").startswith("fresh") else 0
+    return defaults
+
+
 @dataclass
 class InitWeights:
     """What ``--init_weights`` gives: the backbone's tensors, the head's (None: fresh) and the record."""
@@ -94,7 +111,9 @@ def apply_init_weights(student: nn.Module, teacher: nn.Module, init: InitWeights
         utils.load_state_strict(model.backbone, init.backbone, "backbone (--init_weights)", path)
     record = dict(init.record)
     ours = student.head.state_dict()
-    if init.head is None:
+    if not args.init_heads:
+        record["heads"] = "fresh (--init_heads false)"
+    elif init.head is None:
         record["heads"] = "fresh (the file holds no head)"
     elif init.head.keys() != ours.keys() or any(init.head[k].shape != ours[k].shape for k in ours):
         shapes = {key: list(value.shape) for key, value in init.head.items() if key.endswith("last_layer.weight_v")}

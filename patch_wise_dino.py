@@ -55,6 +55,39 @@ PATCH_HEADS = ("shared", "separate", "ibot")  # --patch_head's values (build_stu
 STOPPED_EXIT_STATUS = 3  # the command line's status when a signal stopped training: checkpoint saved, not finished
 
 
+# Options left unset (None) in a run from random weights take DINO's values; in a run started from weights
+# (--init_weights) they take initialisation.continued_defaults (chosen on the holdout split). apply_defaults.
+FROM_SCRATCH_DEFAULTS = {"lr": 0.0005, "warmup_epochs": 10, "momentum_teacher": 0.996, "freeze_backbone_epochs": 0}
+
+
+def default_text(name: str) -> str:
+    """The help text's account of an option's two defaults (from random weights, from --init_weights)."""
+    scratch = FROM_SCRATCH_DEFAULTS[name]
+    if name == "freeze_backbone_epochs":
+        continued = (f"{initialisation.HEAD_WARMUP_EPOCHS} where the heads start fresh (the file holds none that fit, "
+                     "or --init_heads false), else 0")
+    else:
+        continued = initialisation.continued_defaults(FROM_SCRATCH_DEFAULTS["lr"])[name]
+    return f"{scratch} from random weights; with --init_weights {continued} (chosen on holdout)"
+
+
+def apply_defaults(args: argparse.Namespace, defaults: dict) -> None:
+    """Give the options of ``defaults`` that are unset (None) its value; ``args.defaulted`` keeps every option
+    so filled, so that a resume can fill them again the way the run it continues did."""
+    unset = [name for name, value in defaults.items() if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, defaults[name])
+    args.defaulted = sorted(set(getattr(args, "defaulted", None) or ()) | set(unset))
+
+
+def run_defaults(args: argparse.Namespace, init_record: dict | None = None) -> dict:
+    """The defaults of this run: DINO's from random weights, ``initialisation.continued_defaults`` with
+    ``--init_weights`` or when continuing an initialised run (``init_record``: its head warm-up too)."""
+    if args.init_weights is None and init_record is None:
+        return FROM_SCRATCH_DEFAULTS
+    return initialisation.continued_defaults(FROM_SCRATCH_DEFAULTS["lr"], init_record)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "PW-Self", add_help=False,
@@ -74,9 +107,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "true is more stable; false often gives better features for ViT-S but may diverge.")
     group.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
                        help="Batch norm in the head's MLP (true/false). Off for ViTs.")
-    group.add_argument("--momentum_teacher", default=0.996, type=float,
+    group.add_argument("--momentum_teacher", default=None, type=float,
                        help="Start of the teacher's EMA momentum; it rises to 1 on a cosine over training. "
-                            "Use ~0.9995 for batches of 256 or less.")
+                            "Use ~0.9995 for batches of 256 or less. Default: "
+                            f"{default_text('momentum_teacher')}.")
     group.add_argument("--drop_path_rate", default=0.1, type=float, help="Stochastic depth of the student.")
 
     group = parser.add_argument_group("PW-Self loss")
@@ -148,9 +182,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", default=100, type=int, help="Training epochs.")
     group.add_argument("--freeze_last_layer", default=1, type=int,
                        help="Epochs during which the head's last layer is not updated; helps early training.")
-    group.add_argument("--lr", default=0.0005, type=float,
-                       help="Peak learning rate for a total batch of 256; it scales linearly with the total batch.")
-    group.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up.")
+    group.add_argument("--lr", default=None, type=float,
+                       help="Peak learning rate for a total batch of 256; it scales linearly with the total batch. "
+                            f"Default: {default_text('lr')}.")
+    group.add_argument("--warmup_epochs", default=None, type=int,
+                       help=f"Epochs of linear learning-rate warm-up. Default: {default_text('warmup_epochs')}.")
     group.add_argument("--min_lr", default=1e-6, type=float, help="Learning rate at the end of the cosine decay.")
     group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
                        help="adamw for ViTs; sgd or lars mostly for convnets.")
@@ -215,10 +251,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--init_checkpoint_key", default="teacher", type=str,
                        help="With --init_weights: the entry of a training checkpoint to start from (teacher or "
                             "student), backbone and head.")
-    group.add_argument("--freeze_backbone_epochs", default=0, type=int,
+    group.add_argument("--init_heads", default=True, type=utils.bool_flag,
+                       help="With --init_weights: load the file's heads where they fit this run's (true), or start "
+                            "fresh heads on its backbone (false).")
+    group.add_argument("--freeze_backbone_epochs", default=None, type=int,
                        help="Train only the heads for this many first epochs: the backbone's weights stay bitwise "
                             "as loaded (no gradient step, no EMA), so that fresh heads on trained weights do not "
-                            "send large random gradients into them. 0: off.")
+                            "send large random gradients into them. 0: off. Default: "
+                            f"{default_text('freeze_backbone_epochs')}.")
     group.add_argument("--init_knn_data", default=None, type=str,
                        help="A folder with train/ and val/ class folders: the teacher's 20-NN top-1 there is printed "
                             "and recorded (knn_top1 in init_record) before the first step, the starting point of a run "
@@ -246,6 +286,7 @@ def validate_args(args: argparse.Namespace) -> None:
     """Stop early, listing every argument that cannot work, with the fix named."""
     utils.apply_dino_launch_args(args)
     apply_use_fp16(args)
+    apply_defaults(args, run_defaults(args))
     problems = (vits.check_backbone_args(args) + _count_problems(args) + _crop_problems(args)
                 + _optimisation_problems(args) + _ineffective_option_problems(args) + _initialisation_problems(args)
                 + _path_problems(args))
@@ -335,6 +376,7 @@ def _ineffective_option_problems(args: argparse.Namespace) -> list[str]:
          "--patch_head ibot (the other heads' patch tokens follow --teacher_temp)"),
         ("cls_weight", args.patch_loss, "--patch_loss true (without patch tokens CLS is the whole loss)"),
         ("init_checkpoint_key", args.init_weights is not None, "--init_weights"),
+        ("init_heads", args.init_weights is not None, "--init_weights"),
         ("matching", args.patch_loss, "--patch_loss true (without patch tokens nothing is matched)"),
         ("loss_chunk_mib", uses_fused_loss(args),
          "the fused loss (--fused_loss true, or auto with --patch_loss true)"),
@@ -363,9 +405,10 @@ def _initialisation_problems(args: argparse.Namespace) -> list[str]:
                             f"({', '.join(vits.REFERENCE_WEIGHTS)})")
         if args.resume_from is not None:
             problems.append("--init_weights starts a new run and --resume_from continues one: give one of them")
-    if not 0 <= args.freeze_backbone_epochs <= args.epochs:
+    if args.freeze_backbone_epochs is not None and not 0 <= args.freeze_backbone_epochs <= args.epochs:
         problems.append(f"--freeze_backbone_epochs {args.freeze_backbone_epochs} must lie in [0, --epochs "
                         f"{args.epochs}]")
+
     if args.init_knn_data is not None and not all((Path(args.init_knn_data) / split).is_dir()
                                                   for split in ("train", "val")):
         problems.append(f"--init_knn_data {args.init_knn_data} must hold train/ and val/ class folders")
@@ -851,7 +894,8 @@ RESUME_CRITICAL_ARGS = (
     "warmup_teacher_patch_temp", "teacher_patch_temp",
     "precision", "weight_decay", "weight_decay_end", "clip_grad", "batch_size_per_gpu", "epochs", "freeze_last_layer",
     "lr", "warmup_epochs", "min_lr", "optimizer", "global_crops_scale", "global_crops_size", "local_crops_number",
-    "local_crops_scale", "local_crops_size", "patch_augment", "patch_augment_p", "patch_blur", "gpu_augment", "seed")
+    "local_crops_scale", "local_crops_size", "patch_augment", "patch_augment_p", "patch_blur", "gpu_augment", "seed",
+    "freeze_backbone_epochs")
 
 
 def checkpoint_state(trainer: Trainer, point: ResumePoint) -> dict:
@@ -1103,6 +1147,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device, loader: DataLo
                   native_patches: int | None = None) -> Trainer:
     """Models, loss, optimizer and schedules; ``native_patches``: the position-embedding grid of the checkpoint
     to resume (DINO's keep 224 px, 196 patches, whatever the crop size), by default ``--global_crops_size``'s."""
+    apply_defaults(args, run_defaults(args))  # for callers that build a trainer without validate_args
     torch.manual_seed(args.seed)  # the same initial weights on every process
     student, teacher = build_student_teacher(args, native_patches)
     if utils.is_distributed() and args.use_bn_in_head and device.type == "cuda":
@@ -1135,6 +1180,10 @@ def initial_weights(args: argparse.Namespace, source: tuple[Path, dict | None]) 
         if args.init_weights is not None:
             initialisation.refuse_other_initialisation(checkpoint, args, path)
         args.init_record = (checkpoint.get("args") or {}).get("init_record")
+        if args.init_record is not None:  # the options left unset take the values an initialised run gives them
+            for name in args.defaulted:
+                setattr(args, name, None)
+            apply_defaults(args, run_defaults(args, args.init_record))
         return None
     args.init_record = None
     return initialisation.load_init_weights(args) if args.init_weights is not None else None
@@ -1145,6 +1194,10 @@ def start_from_weights(trainer: Trainer, init: initialisation.InitWeights) -> No
     the teacher's k-NN before the first step."""
     args = trainer.args
     args.init_record = initialisation.apply_init_weights(trainer.student_module, trainer.teacher, init, args)
+    apply_defaults(args, run_defaults(args, args.init_record))  # the head warm-up, now that the heads are known
+    if args.defaulted:
+        print("Defaults of a run started from weights (chosen on holdout; set them to override): "
+              + ", ".join(f"--{name} {getattr(args, name)}" for name in args.defaulted), flush=True)
     if args.init_knn_data is not None:
         top1 = initialisation.knn_top1(trainer.teacher.backbone, args.init_knn_data, args.global_crops_size,
                                        trainer.device)

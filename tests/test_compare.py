@@ -390,3 +390,48 @@ def test_records_of_an_older_compare_py_keep_their_training_and_redo_their_evalu
     assert f"{output / 'dino' / 'seed1' / 'knn.json'} does not record the arguments it ran with" in out
     assert summary["runs"] == finished[1]["runs"]
     assert "arguments" in json.loads((output / "dino" / "seed1" / "knn.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Continued pre-training: every method starts from the teachers of another comparison.
+# ----------------------------------------------------------------------------------------------
+def test_init_from_starts_every_seed_from_its_teacher_and_pairs_with_start(finished, dataset, tmp_path):
+    source, before = finished
+    output = tmp_path / "continued"
+    argv = compare_argv(dataset, output, "--init_from", str(source), "--variant", "warm=--freeze_backbone_epochs 1")
+    summary = compare.main(parse(*argv))
+    assert summary["runs"]["start"] == before["runs"]["dino"]  # the same teachers, evaluated alike
+    for method in ("dino", "pwself", "warm"):
+        for seed in (0, 1):
+            args = json.loads((output / method / f"seed{seed}" / "train" / "args.json").read_text())
+            teacher = source / "dino" / f"seed{seed}" / "train" / "checkpoint.pth"
+            assert args["init_record"]["file"] == str(teacher.resolve()) and args["init_record"]["heads"] == "loaded"
+    assert not (output / "start" / "seed0" / "train").exists()
+    table = (output / "comparison.md").read_text()
+    for row in ("| start (2 seeds) |", "| pwself − dino, paired |", "| warm − dino, paired |",
+                "| dino − start, paired |", "| pwself − start, paired |", f"start: the teachers every method "
+                f"continued from (dino of {source})"):
+        assert row in table
+    assert "start − dino" not in table
+    gain = summary["vs_start"]["dino"]["knn_top1"]["mean"]
+    assert gain == pytest.approx(sum(summary["runs"]["dino"][s]["knn_top1"] - before["runs"]["dino"][s]["knn_top1"]
+                                     for s in "01") / 2)
+    # Evaluated elsewhere (--trained_in), the start teachers come along.
+    elsewhere = compare_argv(dataset, tmp_path / "elsewhere", "--trained_in", str(output))
+    del elsewhere[elsewhere.index("--train_args"):elsewhere.index("--train_args") + 2]
+    assert compare.main(parse(*elsewhere))["runs"] == summary["runs"]
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    (["--init_from", "nowhere"], FileNotFoundError, r"--init_from nowhere: no compare_args.json there"),
+    (["--init_method", "pwself"], ValueError, r"--init_method pwself has no effect without --init_from"),
+    (["--init_from", "SOURCE", "--init_method", "other"], ValueError, r"--init_method other: the comparison in .* "
+                                                                      r"has the methods dino, pwself"),
+    (["--init_from", "SOURCE", "--train_args", "--init_weights x.pth"], ValueError,
+     r"leave --init_weights out of --train_args"),
+])
+def test_bad_init_from_is_refused_before_anything_runs(finished, dataset, tmp_path, extra, error, match):
+    extra = [str(finished[0]) if item == "SOURCE" else item for item in extra]
+    with pytest.raises(error, match=match):
+        compare.main(parse(*compare_argv(dataset, tmp_path / "out", *extra)))
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import initialisation
 import patch_wise_dino
 import utils
 import vision_transformer as vits
@@ -171,3 +172,69 @@ def test_a_released_name_is_downloaded_once_or_named_with_its_url_and_cache_path
 def test_bad_initialisation_arguments_are_refused_at_start(data, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         train(data, tmp_path / "run", *extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Defaults: a run from weights takes those chosen on holdout for what the command leaves unset.
+# ----------------------------------------------------------------------------------------------
+UNSET = ("lr", "warmup_epochs", "momentum_teacher", "freeze_backbone_epochs")
+
+
+def without(argv: list[str], *names: str) -> list[str]:
+    """``argv`` without the options ``names`` and their values."""
+    kept, skip = [], False
+    for item in argv:
+        if item.lstrip("-") in names:
+            skip = True
+        elif skip:
+            skip = False
+        else:
+            kept.append(item)
+    return kept
+
+
+def test_unset_options_take_dinos_defaults_from_random_weights_and_the_chosen_ones_from_weights(
+        data, backbone_file, tmp_path, capsys):
+    parse = patch_wise_dino.get_args_parser().parse_args
+    common = without(RUN, *UNSET) + ["--data_path", str(data), "--epochs", "2"]
+    scratch = patch_wise_dino.main(parse(common + ["--output_dir", str(tmp_path / "scratch")])).args
+    assert {name: getattr(scratch, name) for name in UNSET} == patch_wise_dino.FROM_SCRATCH_DEFAULTS == {
+        "lr": 0.0005, "warmup_epochs": 10, "momentum_teacher": 0.996, "freeze_backbone_epochs": 0}
+    assert scratch.defaulted == sorted(UNSET)
+    assert "Defaults of a run started from weights" not in capsys.readouterr().out
+
+    fresh = patch_wise_dino.main(parse(common + ["--output_dir", str(tmp_path / "fresh"), "--init_weights",
+                                                 str(backbone_file)])).args
+    chosen = initialisation.continued_defaults(0.0005, {"heads": "fresh"})
+    assert {name: getattr(fresh, name) for name in UNSET} == chosen
+    assert chosen == {"lr": 0.0005 * initialisation.LR_FRACTION, **initialisation.CONTINUED_DEFAULTS,
+                      "freeze_backbone_epochs": initialisation.HEAD_WARMUP_EPOCHS}
+    saved = json.loads((tmp_path / "fresh" / "args.json").read_text())
+    assert {name: saved[name] for name in UNSET} == chosen and saved["defaulted"] == sorted(UNSET)
+    assert ("Defaults of a run started from weights (chosen on holdout; set them to override): --freeze_backbone_epochs "
+            f"{chosen['freeze_backbone_epochs']}, --lr {chosen['lr']}") in capsys.readouterr().out
+
+    explicit = patch_wise_dino.main(parse(common + ["--output_dir", str(tmp_path / "explicit"), "--init_weights",
+                                                    str(DINO_CHECKPOINT), "--lr", "0.001", "--patch_loss", "false"])).args
+    assert explicit.lr == 0.001 and explicit.freeze_backbone_epochs == 0  # DINO's heads fit: no head warm-up
+    assert explicit.init_record["heads"] == "loaded" and "lr" not in explicit.defaulted
+
+
+def test_a_finished_initialised_run_is_recognised_with_or_without_its_init_weights(data, backbone_file, tmp_path,
+                                                                                    capsys):
+    parse = patch_wise_dino.get_args_parser().parse_args
+    command = without(RUN, *UNSET) + ["--data_path", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run")]
+    first = patch_wise_dino.main(parse(command + ["--init_weights", str(backbone_file)])).args
+    for again in (command + ["--init_weights", str(backbone_file)], command):  # the file is not read again
+        resumed = patch_wise_dino.main(parse(again)).args  # the resume check would name any changed default
+        assert {name: getattr(resumed, name) for name in UNSET} == {name: getattr(first, name) for name in UNSET}
+        assert "Training already finished" in capsys.readouterr().out
+
+
+def test_init_heads_false_starts_fresh_heads_on_the_files_backbone(data, tmp_path):
+    args = train(data, tmp_path / "run", "--init_weights", str(DINO_CHECKPOINT), "--epochs", "1",
+                 "--init_heads", "false", "--patch_loss", "false").args
+    assert args.init_record["heads"] == "fresh (--init_heads false)"
+    assert args.freeze_backbone_epochs == initialisation.HEAD_WARMUP_EPOCHS
+    with pytest.raises(ValueError, match=r"--init_heads False has no effect in this run: it needs --init_weights"):
+        train(data, tmp_path / "other", "--init_heads", "false")
