@@ -38,6 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import numpy as np
 import torch
 from PIL import Image
@@ -57,8 +58,7 @@ FIXTURE_PHOTOS = Path(__file__).resolve().parent / "tests" / "fixtures" / "photo
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("PW-Self benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = utils.script_parser(__file__, __doc__)
     parser.add_argument("--parts", default=list(PARTS), nargs="+", choices=PARTS, help="What to measure.")
     group = parser.add_argument_group("model and recipe (as in patch_wise_dino.py)")
     vits.add_backbone_args(group)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import torch
 
 import utils
@@ -28,7 +29,7 @@ LOADED_SIZES = {480: ((480, 480), (512, 384)), 320: ((320, 320),)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Our ViT against the official DINO ViT")
+    parser = utils.script_parser(__file__, "Our ViT against the official DINO ViT.")
     parser.add_argument("--dino_path", required=True, type=Path,
                         help="A clone of github.com/facebookresearch/dino (its vision_transformer.py is imported).")
     parser.add_argument("--arch", default="vit_small", choices=sorted(vits.ARCHS), help="Architecture to compare.")

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import numpy as np
 
 import eval_correspondence
@@ -106,7 +107,7 @@ SCRIPTS = {"knn": eval_knn, "linear": eval_linear, "correspondence": eval_corres
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Compare PW-Self with DINO over seeds")
+    parser = utils.script_parser(__file__, "Compare PW-Self with DINO over seeds.")
     parser.add_argument("--data_path", required=True, type=Path,
                         help="Dataset root with train/<class>/* (training and the k-NN / linear training set) "
                              "and the --eval_split folder (prepare_data.py writes both).")
@@ -561,10 +562,12 @@ def argument_differences(step: Step, recorded: dict) -> list[str]:
             if name in recorded and name in step.arguments and recorded[name] != step.arguments[name]]
 
 
-def execute_step(step: Step, reused: bool, counter: str) -> None:
-    """Run a step with its output in ``<run>/<name>.log``, unless its recorded result is ``reused``."""
+def execute_step(step: Step, reused: bool, counter: str, steps_done: utils.Progress) -> None:
+    """Run a step with its output in ``<run>/<name>.log``, unless its recorded result is ``reused``; ``steps_done``
+    counts the comparison's steps, and its elapsed time and ETA end the step's line."""
     run, name = step.run, step.name
     if reused:
+        steps_done.skip()
         print(f"{counter} {run.label}: {name} done before, reused ({step.result_path})", flush=True)
         return
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -580,16 +583,12 @@ def execute_step(step: Step, reused: bool, counter: str) -> None:
     seconds = time.time() - start
     record = {"seconds": seconds, **result, "command": step.command, "arguments": step.arguments}
     utils.write_text_atomic(json.dumps(record, indent=2) + "\n", step.result_path)
-    print(f" {format_duration(seconds)}", flush=True)
+    steps_done.advance()
+    print(f" {utils.format_duration(seconds)}; all steps: {steps_done.times()}", flush=True)
 
 
 def tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def execution_order(runs: list[Run]) -> list[Run]:
@@ -846,13 +845,14 @@ def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     runs = plan_runs(args)
     steps = [step for run in execution_order(runs) for step in steps_of(args, run)]  # checks every step's args
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    with utils.folder_lock(args.output_dir):  # one comparison per folder, from the checks to the table
+    # One comparison per folder, from the checks to the table; a new folder goes again if the checks stop it.
+    with utils.created_output_dir(args.output_dir), utils.folder_lock(args.output_dir):
         check_settings(args)
         reused = reusable_steps(steps)
         record_settings(args)
+        steps_done = utils.Progress(len(steps), "Comparison:")
         for index, step in enumerate(steps):
-            execute_step(step, index in reused, f"[{index + 1:>{len(str(len(steps)))}}/{len(steps)}]")
+            execute_step(step, index in reused, f"[{index + 1:>{len(str(len(steps)))}}/{len(steps)}]", steps_done)
         summary = summarise(runs, metrics_of(evaluations_of(args)))
         summary["seconds"] = step_seconds(steps)
         summary["eval_split"] = args.eval_split
@@ -864,7 +864,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"\nOn {args.data_path / args.eval_split}, {args.seeds} seed(s) per method (mean ± std over seeds; "
           f"paired rows: mean ± std of the per-seed differences, (seeds where the method is better)):\n")
     print(table)
-    print(f"\nCompute time of all steps: {format_duration(summary['seconds']['all'])}. Wrote "
+    print(f"\nCompute time of all steps: {utils.format_duration(summary['seconds']['all'])}. Wrote "
           f"{args.output_dir / 'comparison.md'}, comparison.json and comparison.png", flush=True)
     return summary
 

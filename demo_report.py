@@ -9,13 +9,14 @@ import argparse
 import json
 from pathlib import Path
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import utils
 
 CURVES = ("loss", "loss_cls", "loss_patch")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("PW-Self demo report")
+    parser = utils.script_parser(__file__, "PW-Self demo report.")
     parser.add_argument("--run_dir", required=True, type=Path, help="Training output folder (holds log.txt).")
     parser.add_argument("--trained", required=True, type=Path, help="eval_knn.py --output_json of the trained model.")
     parser.add_argument("--random", required=True, type=Path, help="eval_knn.py --output_json of --random_init.")

@@ -11,7 +11,7 @@ random parameters, drawn from the device's default generator (seeded by ``torch.
 * Gaussian blur with sigma ``U(0.1, 2.0)`` and the view's probability (1.0 on global view 1,
   0.1 on global view 2, 0.5 on local views);
 * solarization (pixels >= 128/255 inverted) with p=0.2 on global view 2 only;
-* optionally (``patch_augment_p > 0``), the patch-level photometrics of METHOD.md section 5
+* optionally (``patch_augment_p > 0``), the patch-level photometrics of docs/method.md section 5
   (``patch_photometric``): every patch-size tile of a view gets its own small colour jitter, blur,
   sharpness and posterize, in its own order. The blur is the authors' vertical 5-tap kernel by default
   (``patch_blur="authors"``) or a square one (``"isotropic"``, see ``PATCH_BLURS``). The CPU-augmented
@@ -245,11 +245,11 @@ def random_solarize(images: torch.Tensor, p: float | torch.Tensor, threshold: fl
 
 
 # ----------------------------------------------------------------------------------------------
-# Patch-level photometric augmentation (METHOD.md section 5).
+# Patch-level photometric augmentation (docs/method.md section 5).
 # ----------------------------------------------------------------------------------------------
 PATCH_JITTER = {"brightness": (0.9, 1.1), "hue": (-0.1, 0.1)}  # torchvision ColorJitter(brightness=0.1, hue=0.1)
 PATCH_BLUR_SIGMA = (0.1, 2.0)
-# The authors' GaussianBlur(kernel_size=(1, 5)) is (width, height): 1 tap wide, 5 tall (METHOD.md section 5).
+# The authors' GaussianBlur(kernel_size=(1, 5)) is (width, height): 1 tap wide, 5 tall (docs/method.md section 5).
 PATCH_BLUR_TAPS = 5
 PATCH_BLURS = {"authors": "vertical only, 5 taps (the authors' kernel_size=(1, 5))",
                "isotropic": "square, up to 13x13 taps (about twice the change per pixel)"}
@@ -303,7 +303,7 @@ def from_tiles(tiles: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.T
 
 def patch_photometric(images: torch.Tensor, patch_size: int, p: float | torch.Tensor = 1.0, *,
                       masked: bool | None = None, blur: str = "authors") -> torch.Tensor:
-    """Patch-level photometric augmentation of views ``[B, 3, H, W]`` (float in ``[0, 1]``), METHOD.md section 5.
+    """Patch-level photometric augmentation of views ``[B, 3, H, W]`` (float in ``[0, 1]``), docs/method.md section 5.
 
     Each view is augmented with probability ``p`` (a number, or one per view ``[B]``). In an augmented
     view every ``patch_size`` tile draws its own order and parameters of the four ops

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ GEM_POWER = 4.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Copy detection on Copydays")
+    parser = utils.script_parser(__file__, "Copy detection on Copydays.")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     parser.add_argument("--data_path", required=True, type=str,
@@ -47,6 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
     utils.add_device_arg(parser)
     parser.add_argument("--output_dir", default=".", type=str, help="Where copydays.json is written.")
+    utils.add_tensorboard_arg(parser)
     utils.add_dino_launch_args(parser, use_cuda=True)
     return parser
 
@@ -156,6 +158,8 @@ def main(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{block: mAP, ..., "overall": mAP}`` in percent."""
     validate_args(args)
     output_json = utils.check_output_dir(args.output_dir, "--output_dir") / "copydays.json"
+    if args.tensorboard:
+        utils.check_tensorboard_dir(args.tensorboard)
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     originals, blocks = read_copydays(args.data_path)
@@ -167,21 +171,21 @@ def main(args: argparse.Namespace) -> dict:
         transforms.Resize((args.imsize, args.imsize), interpolation=InterpolationMode.BICUBIC),
         transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
-    def features_of(files: list[Path]) -> torch.Tensor:
+    def features_of(files: list[Path], what: str) -> torch.Tensor:
         loader = sequential_loader(ImageList(files, transform), args.batch_size_per_gpu, args.num_workers)
-        return extract_features(lambda images: cls_gem_features(model, images), loader, device)
+        return extract_features(lambda images: cls_gem_features(model, images), loader, device, f"{what} features:")
 
-    database = features_of(originals + distractors)
-    queries = features_of([f for files in blocks.values() for f in files])
+    database = features_of(originals + distractors, "Database")
+    queries = features_of([f for files in blocks.values() for f in files], "Query")
     if args.whitening_path:
-        whiten = PCAWhitening(features_of(utils.list_images(args.whitening_path)))
+        whiten = PCAWhitening(features_of(utils.list_images(args.whitening_path), "Whitening"))
         database, queries = whiten(database), whiten(queries)
     results = evaluate_blocks(F.normalize(queries, dim=1), F.normalize(database, dim=1), blocks, originals, args.topk)
     for name, value in results.items():
         print(f"{name:>14}: mAP {value:.2f}")
     summary = {"eval": "copydays", "weights": args.pretrained_weights or "random_init", "imsize": args.imsize,
                "whitening": bool(args.whitening_path), "distractors": len(distractors), "mAP": results}
-    utils.report_final(summary, output_json)
+    utils.report_final(summary, output_json, args.tensorboard)
     return results
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -58,7 +59,7 @@ MIN_FIGURE_SIDE = 256  # small views are upscaled (nearest) to at least this man
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Dense patch correspondence under known geometry")
+    parser = utils.script_parser(__file__, "Dense patch correspondence under known geometry.")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     parser.add_argument("--data_path", default="", type=str,
@@ -93,6 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", default=64, type=int, help="View pairs per forward pass.")
     utils.add_device_arg(parser)
     parser.add_argument("--output_json", default="", type=str, help="Also write the results to this JSON file.")
+    utils.add_tensorboard_arg(parser)
     parser.add_argument("--visualize", default=None, nargs=2, metavar=("N", "DIR"),
                         help="Draw N view pairs, evenly spaced over the evaluated images, with their predicted "
                              "matches as DIR/correspondence_*.png.")
@@ -300,7 +302,7 @@ def evaluate_pairs(images: Sequence[tuple[int, Path]], sampler: ViewPairSampler,
     ``[M, Nq]`` (``floors``: ``{floor: cells}``, see ``position_floors``)."""
     outcomes, floors = [], []
     starts = range(0, len(images), batch_size)
-    for start in utils.MetricLogger().log_every(starts, 20, "Correspondence:"):
+    for start in utils.progress(starts, "Correspondence:"):
         pairs = build_view_pairs(images[start:start + batch_size], sampler)
         outcomes.append(evaluate_batch(pairs, feature_fn, patch_size, texture_threshold, device))
         floors.append(position_floors(pairs, patch_size))
@@ -458,10 +460,12 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Stop before any work when ``--output_json`` or the folder of ``--visualize`` cannot be written: a file in
-    the way, a read-only or full disk. Creates nothing."""
+    """Stop before any work when ``--output_json``, ``--tensorboard`` or the folder of ``--visualize`` cannot be
+    written: a file in the way, a read-only or full disk. Creates nothing."""
     if args.output_json:
         utils.check_output_file(args.output_json, "--output_json")
+    if args.tensorboard:
+        utils.check_tensorboard_dir(args.tensorboard)
     request = utils.visualization_request(args.visualize)
     if request:
         utils.check_output_dir(request[1], "the folder of --visualize N DIR")
@@ -497,7 +501,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"Data: {len(images)} images from {args.data_path}")
     summary = run_evaluation(args, images, backbone_patch_features(model, args.n_last_blocks), device)
     print(format_summary(summary))
-    utils.report_final(summary, args.output_json)
+    utils.report_final(summary, args.output_json, args.tensorboard)
     return summary
 
 

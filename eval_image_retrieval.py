@@ -21,6 +21,7 @@ import math
 import pickle
 from pathlib import Path
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ MULTISCALE_FACTORS = (1.0, 1 / math.sqrt(2), 0.5)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Image retrieval on revisited Oxford / Paris")
+    parser = utils.script_parser(__file__, "Image retrieval on revisited Oxford / Paris.")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     parser.add_argument("--data_path", required=True, type=str,
@@ -53,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU.")
     utils.add_device_arg(parser)
     parser.add_argument("--output_dir", default=".", type=str, help="Where retrieval_<dataset>.json is written.")
+    utils.add_tensorboard_arg(parser)
     utils.add_dino_launch_args(parser, use_cuda=True)
     return parser
 
@@ -312,6 +314,8 @@ def main(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{protocol: {"mAP", "mP@1", "mP@5", "mP@10"}}`` in percent."""
     validate_args(args)
     output_json = utils.check_output_dir(args.output_dir, "--output_dir") / f"retrieval_{args.dataset}.json"
+    if args.tensorboard:
+        utils.check_tensorboard_dir(args.tensorboard)
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     ground_truth = load_ground_truth(args.data_path, args.dataset)
@@ -328,13 +332,14 @@ def main(args: argparse.Namespace) -> dict:
         return cls_features(model, images, args.multiscale)
 
     database_features, query_features = (extract_features(feature_fn, sequential_loader(split, 1, args.num_workers),
-                                                          device) for split in (database, queries))
+                                                          device, f"{name} features:")
+                                         for split, name in ((database, "Database"), (queries, "Query")))
     results = evaluate_protocols(rank_database(query_features, database_features, args.use_faiss), ground_truth["gnd"])
     for protocol, values in results.items():
         print(f"{args.dataset} {protocol:>6}: " + ", ".join(f"{name} {value:.2f}" for name, value in values.items()))
     summary = {"eval": "retrieval", "dataset": args.dataset, "weights": args.pretrained_weights or "random_init",
                "multiscale": args.multiscale, "imsize": args.imsize, "results": results}
-    utils.report_final(summary, output_json)
+    utils.report_final(summary, output_json, args.tensorboard)
     return results
 
 

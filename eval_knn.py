@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from transforms_patch import eval_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("k-NN evaluation on frozen features")
+    parser = utils.script_parser(__file__, "k-NN evaluation on frozen features.")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     parser.add_argument("--data_path", default="", type=str,
@@ -67,6 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "else is refused, since it would not be what was evaluated). The model and data "
                              "arguments are unused.")
     parser.add_argument("--output_json", default="", type=str, help="Also write the results to this JSON file.")
+    utils.add_tensorboard_arg(parser)
     utils.add_dino_launch_args(parser, use_cuda=True)
     return parser
 
@@ -119,14 +121,14 @@ def sequential_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
 
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
-                     device: torch.device) -> torch.Tensor:
-    """Features ``[N, D]`` (float32, CPU) of every item of ``loader.dataset``, gathered over processes.
+                     device: torch.device, header: str = "Features:") -> torch.Tensor:
+    """Features ``[N, D]`` (float32, CPU) of every item of ``loader.dataset``, gathered over processes; progress
+    with ETA is shown under ``header`` (``utils.progress``).
 
     ``loader`` yields ``(images, indices)``; ``feature_fn`` maps images ``[B, 3, H, W]`` to ``[B, D]``.
     """
-    logger = utils.MetricLogger()
     local_features, local_indices = [], []
-    for images, indices in logger.log_every(loader, 20, "Features:"):
+    for images, indices in utils.progress(loader, header):
         local_features.append(feature_fn(images.to(device, non_blocking=True)).float())
         local_indices.append(indices.to(device))
     features, indices = torch.cat(local_features), torch.cat(local_indices)
@@ -216,7 +218,8 @@ def compute_features(args: argparse.Namespace, device: torch.device):
               "l2_normalised": True}
     model = model.to(device)
     loaders = [sequential_loader(split, args.batch_size_per_gpu, args.num_workers) for split in (train_set, val_set)]
-    features = [F.normalize(extract_features(model, loader, device), dim=1) for loader in loaders]
+    features = [F.normalize(extract_features(model, loader, device, f"Features of {split}:"), dim=1)
+                for loader, split in zip(loaders, ("train", args.val_split))]
     labels = [torch.tensor(split.targets, dtype=torch.long) for split in (train_set, val_set)]
     return (features[0], features[1], labels[0], labels[1]), source
 
@@ -331,6 +334,8 @@ def main(args: argparse.Namespace) -> dict:
         utils.check_output_file(args.output_json, "--output_json")
     if args.dump_features:
         utils.check_output_dir(args.dump_features, "--dump_features")
+    if args.tensorboard:
+        utils.check_tensorboard_dir(args.tensorboard)
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     if args.load_features:
@@ -355,7 +360,7 @@ def main(args: argparse.Namespace) -> dict:
     summary = {"eval": "knn", "weights": weights, "results": results}
     if args.load_features:
         summary["features"] = str(Path(args.load_features).resolve())
-    utils.report_final(summary, args.output_json)
+    utils.report_final(summary, args.output_json, args.tensorboard)
     return results
 
 

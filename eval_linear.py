@@ -16,11 +16,13 @@ against the classes found), ``--dist_url`` and ``--local_rank`` (``utils.add_din
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ CHECKPOINT_NAME = "linear_checkpoint.pth"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Linear evaluation on frozen features")
+    parser = utils.script_parser(__file__, "Linear evaluation on frozen features.")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     parser.add_argument("--n_last_blocks", default=4, type=int,
@@ -78,6 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="DINO's flag: the number of classes of the heads. Here the class folders of "
                              "<data_path>/train decide it; if given, it must be their number (e.g. 1000 for ImageNet).")
     utils.add_device_arg(parser)
+    utils.add_tensorboard_arg(parser)
     utils.add_dino_launch_args(parser)
     return parser
 
@@ -161,7 +164,7 @@ def train_one_epoch(probe: Probe, loader: DataLoader, feature_fn: Callable, devi
     """One epoch of every head; returns each head's mean training loss."""
     logger = utils.MetricLogger()
     totals = torch.zeros(len(probe.lrs))
-    for inputs, labels in logger.log_every(loader, 20, f"Epoch: [{epoch}]"):
+    for inputs, labels in utils.progress(loader, f"Epoch: [{epoch}]", detail=lambda: f"lowest {logger}"):
         features = feature_fn(inputs.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         logits = probe.module(features)
@@ -187,7 +190,7 @@ def evaluate(probe: Probe, loader: DataLoader, feature_fn: Callable, labels: tor
     """
     probe.heads.eval()
     logits = extract_features(lambda inputs: probe.heads(feature_fn(inputs)).permute(1, 0, 2).flatten(1),
-                              loader, device)
+                              loader, device, "Validation:")
     probe.heads.train()
     logits = logits.view(len(labels), len(probe.lrs), -1)  # [N, heads, classes]
     k = min(5, logits.shape[-1])
@@ -290,6 +293,8 @@ def main(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir)
     if not args.evaluate:  # --evaluate writes nothing
         utils.check_output_dir(output_dir, "--output_dir")
+    if args.tensorboard:
+        utils.check_tensorboard_dir(args.tensorboard)
     device = utils.resolve_device(args.device)
     utils.init_distributed(device)
     torch.manual_seed(args.seed)
@@ -299,22 +304,29 @@ def main(args: argparse.Namespace) -> dict:
     checkpoint = matching_checkpoint(checkpoint_path, settings, FEATURE_SETTINGS if args.evaluate else TRAINING_SETTINGS,
                                      required=args.evaluate)
     model = model.to(device)
-    if utils.is_main_process() and not args.evaluate:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    writes_output = utils.is_main_process() and not args.evaluate
+    with utils.created_output_dir(output_dir) if writes_output else contextlib.nullcontext():
+        best = train_or_evaluate(args, model, (checkpoint_path, checkpoint), settings, device)
+    utils.report_final({"eval": "linear", "weights": args.pretrained_weights or "random_init", "best": best},
+                       tensorboard=args.tensorboard)
+    return best
+
+
+def train_or_evaluate(args: argparse.Namespace, model: vits.VisionTransformer, source: tuple[Path, dict | None],
+                      settings: dict, device: torch.device) -> dict:
+    """Train the heads on ``model``'s features (continuing ``source``, the checkpoint and its path) or, with
+    ``--evaluate``, evaluate its heads; returns the best head's result."""
+    checkpoint_path, checkpoint = source
     train_loader, val_loader, val_labels, num_labels = build_data(args)
     feature_fn = partial(frozen_features, model, n_last_blocks=args.n_last_blocks,
                          avgpool_patchtokens=args.avgpool_patchtokens)
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     probe = Probe(dim, num_labels, args.lrs, args.epochs, args.batch_size_per_gpu * utils.get_world_size(), device)
-
     if args.evaluate:
         probe.load_state_dict(checkpoint["probe"], checkpoint_path, heads_only=True)
-        best = report(evaluate(probe, val_loader, feature_fn, val_labels, device))
-    else:
-        best = train(args, probe, checkpoint, settings, (train_loader, val_loader, val_labels), feature_fn, device,
-                     output_dir)
-    utils.report_final({"eval": "linear", "weights": args.pretrained_weights or "random_init", "best": best})
-    return best
+        return report(evaluate(probe, val_loader, feature_fn, val_labels, device))
+    return train(args, probe, checkpoint, settings, (train_loader, val_loader, val_labels), feature_fn, device,
+                 Path(args.output_dir))
 
 
 def load_probe_checkpoint(path: Path) -> dict:
@@ -332,6 +344,7 @@ def train(args, probe: Probe, checkpoint: dict | None, settings: dict, data, fea
     train_loader, val_loader, val_labels = data
     checkpoint_path, log_path = output_dir / CHECKPOINT_NAME, output_dir / "log.txt"
     start_epoch, best = resume(probe, checkpoint, checkpoint_path, log_path)
+    epochs = utils.Progress(args.epochs, "Linear probe epochs", done=start_epoch)
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_losses = train_one_epoch(probe, train_loader, feature_fn, device, epoch)
@@ -347,6 +360,8 @@ def train(args, probe: Probe, checkpoint: dict | None, settings: dict, data, fea
             append_log_line(log_path, record)
             utils.save_atomic({"probe": probe.state_dict(), "epoch": epoch + 1, "best": best, "args": vars(args),
                                "settings": settings}, checkpoint_path)
+        epochs.advance()
+        print(epochs.line(), flush=True)  # an epoch is long: each ends with a line
     print(f"Best over training: lr {best['lr']:g}, top-1 {best['top1']:.2f}, top-5 {best['top5']:.2f}")
     return best
 

@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import numpy as np
 import torch
 import torch.nn as nn
@@ -53,7 +54,7 @@ MIN_PANEL_SIDE = 128  # figure panels are upscaled (nearest) to at least this ma
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Semantic segmentation from frozen patch tokens (linear probe, retrieval)")
+    parser = utils.script_parser(__file__, "Semantic segmentation from frozen patch tokens (linear probe, retrieval).")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     sd.add_data_args(parser)
@@ -95,6 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "products on --device, e.g. a GPU). Same neighbours.")
     utils.add_device_arg(parser)
     parser.add_argument("--output_json", default="", type=str, help="Also write the results to this JSON file.")
+    utils.add_tensorboard_arg(parser)
     parser.add_argument("--save_masks", default="", type=str,
                         help="Write every val prediction as a palette PNG, DIR/<protocol>/<stem>.png, in the "
                              "dataset's own mask values, at --size.")
@@ -186,13 +188,13 @@ def patch_token_function(model: vits.VisionTransformer, n_last_blocks: int) -> C
     return tokens
 
 
-def checked_batches(dataset: sd.SegmentationSamples, batch_size: int, num_workers: int, print_freq: int,
+def checked_batches(dataset: sd.SegmentationSamples, batch_size: int, num_workers: int,
                     header: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images, labels)`` batches of ``dataset``; a file problem a worker reported is raised here, in the main
-    process, by name (a worker's own exception would reach the user as a traceback)."""
+    """``(images, labels)`` batches of ``dataset``, with progress under ``header``; a file problem a worker reported
+    is raised here, in the main process, by name (a worker's own exception would reach the user as a traceback)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=sd.collate,
                         pin_memory=torch.cuda.is_available())
-    for images, labels, problems in utils.MetricLogger().log_every(loader, print_freq, header):
+    for images, labels, problems in utils.progress(loader, header):
         sd.raise_problems(problems)
         yield images, labels
 
@@ -201,7 +203,7 @@ def checked_batches(dataset: sd.SegmentationSamples, batch_size: int, num_worker
 def extract(dataset: sd.SegmentationSamples, feature_fn: Callable, args: argparse.Namespace, device: torch.device,
             header: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(features [B, N, F] float32 on the CPU, labels [B, S, S] int64)`` of ``dataset``, batch by batch."""
-    for images, labels in checked_batches(dataset, args.batch_size, args.num_workers, 20, header):
+    for images, labels in checked_batches(dataset, args.batch_size, args.num_workers, header):
         yield feature_fn(normalize(images.to(device, non_blocking=True))).float().cpu(), labels
 
 
@@ -218,7 +220,7 @@ def extract_all(dataset: sd.SegmentationSamples, feature_fn: Callable, args: arg
 def check_all_labels(samples: list[sd.Sample], layout: sd.Layout, args: argparse.Namespace, what: str) -> None:
     """Read every mask of a split (values, sizes) before any model runs, so a bad file stops the run early."""
     dataset = sd.SegmentationSamples(samples, layout, args.size, labels_only=True)
-    for _ in checked_batches(dataset, 64, args.num_workers, 50, f"Checking {what} masks:"):
+    for _ in checked_batches(dataset, 64, args.num_workers, f"Checking {what} masks:"):
         pass
 
 
@@ -638,10 +640,12 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Stop before any work when ``--output_json``, ``--save_masks`` (with its protocol folders) or the folder of
-    ``--visualize`` cannot be written: a file in the way, a read-only or full disk. Creates nothing."""
+    """Stop before any work when ``--output_json``, ``--tensorboard``, ``--save_masks`` (with its protocol folders) or
+    the folder of ``--visualize`` cannot be written: a file in the way, a read-only or full disk. Creates nothing."""
     if args.output_json:
         utils.check_output_file(args.output_json, "--output_json")
+    if args.tensorboard:
+        utils.check_tensorboard_dir(args.tensorboard)
     if args.save_masks:
         utils.check_output_dir(args.save_masks, "--save_masks")
         for protocol in protocols_of(args):
@@ -688,7 +692,7 @@ def main(args: argparse.Namespace) -> dict:
     if request:
         save_visualizations(sink, val_samples, layout, chosen, results, args, request[1])
     print(format_summary(summary))
-    utils.report_final(summary, args.output_json)
+    utils.report_final(summary, args.output_json, args.tensorboard)
     return summary
 
 

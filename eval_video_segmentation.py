@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ AFFINITY_BUDGET = 2 ** 24  # affinity entries per step (64 MiB in float32): boun
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DAVIS-2017 video object segmentation by label propagation")
+    parser = utils.script_parser(__file__, "DAVIS-2017 video object segmentation by label propagation.")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     parser.add_argument("--data_path", default="", type=str,
@@ -74,6 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Masks go to <output_dir>/<video>/<frame>.png; results to <output_dir>/results.json.")
     parser.add_argument("--output_json", default="", type=str,
                         help="Where to write the results (default <output_dir>/results.json).")
+    utils.add_tensorboard_arg(parser)
     parser.add_argument("--frame_size", default=480, type=int,
                         help="Frames are resized so that the shorter side is this (a multiple of --patch_size) and "
                              "the longer side is the aspect-true length floored to a multiple of 64 (DINO's rule: "
@@ -582,8 +584,9 @@ def note_topk_cap(topk: int, grid: tuple[int, int], radius: int) -> None:
 
 
 def segment_video(video: Video, feature_fn: FeatureFn, args: argparse.Namespace, output_dir: Path,
-                  device: torch.device) -> dict:
-    """Propagate the first mask through ``video``, write every mask, score when possible; returns its entry."""
+                  device: torch.device, frames_done: utils.Progress) -> dict:
+    """Propagate the first mask through ``video``, write every mask, score when possible; returns its entry.
+    Each frame written is a step of ``frames_done``."""
     first_mask, ids = read_label_map(video.annotations[0])[0], video.ids
     size = processing_size(*video.size, args.frame_size, args.patch_size)
     grid = (size[0] // args.patch_size, size[1] // args.patch_size)
@@ -594,6 +597,7 @@ def segment_video(video: Video, feature_fn: FeatureFn, args: argparse.Namespace,
     folder = output_dir / video.name
     folder.mkdir(parents=True, exist_ok=True)
     utils.write_indexed_png(folder / f"{video.frames[0].stem}.png", first_mask)
+    frames_done.step()
     settings = PropagationSettings(args.topk, args.n_last_frames, args.size_mask_neighborhood, args.temperature)
     frames = (frame.to(device) for frame in frame_tensors(video, size))
     per_object: dict[int, list[tuple]] = {object_id: [] for object_id in ids}
@@ -602,6 +606,7 @@ def segment_video(video: Video, feature_fn: FeatureFn, args: argparse.Namespace,
                                                  settings), start=1):
         mask = labels_to_mask(soft, args.patch_size, video.size, ids)
         utils.write_indexed_png(folder / f"{video.frames[index].stem}.png", mask)
+        frames_done.step()
         if scored and index < len(video.frames) - 1:  # DAVIS scores neither the first nor the last frame
             truth, _ = read_label_map(video.annotations[index])
             for object_id, values in score_frame(truth, mask, ids, args.bound_th, args.void).items():
@@ -644,12 +649,14 @@ def run_evaluation(args: argparse.Namespace, videos: list[Video], feature_fn: Fe
     """Segment (and score) ``videos`` with ``feature_fn``; returns the summary dict."""
     output_dir = Path(args.output_dir)
     entries = {}
+    frames_done = utils.Progress(sum(len(video.frames) for video in videos), "Frames:")
     for number, video in enumerate(videos, start=1):
         print(f"[{number}/{len(videos)}] {video.name}: {len(video.frames)} frames", flush=True)
-        entries[video.name] = segment_video(video, feature_fn, args, output_dir, device)
+        entries[video.name] = segment_video(video, feature_fn, args, output_dir, device, frames_done)
         entry = entries[video.name]
         scores = f"J {entry['J_mean']:.3f}  F {entry['F_mean']:.3f}  " if entry["scored"] else ""
         print(f"    {scores}{entry['seconds_per_frame']:.2f} s/frame", flush=True)
+    frames_done.finish()
     frames = sum(entry["frames"] for entry in entries.values())
     seconds = sum(entry["seconds_per_frame"] * entry["frames"] for entry in entries.values())
     return {"eval": "davis_video_segmentation", "weights": args.pretrained_weights or "random_init",
@@ -665,11 +672,13 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def check_outputs(args: argparse.Namespace, videos: list[Video]) -> Path:
-    """Stop before any work when ``--output_dir``, a video's mask folder or the results file cannot be written
-    (a file in the way, a read-only or full disk); returns the results file's path. Creates nothing."""
+    """Stop before any work when ``--output_dir``, a video's mask folder, ``--tensorboard`` or the results file cannot
+    be written (a file in the way, a read-only or full disk); returns the results file's path. Creates nothing."""
     output_dir = utils.check_output_dir(args.output_dir, "--output_dir")
     for video in videos:
         utils.check_output_dir(output_dir / video.name, f"the mask folder of video {video.name}")
+    if args.tensorboard:
+        utils.check_tensorboard_dir(args.tensorboard)
     if args.output_json:
         return utils.check_output_file(args.output_json, "--output_json")
     return utils.check_output_file(output_dir / "results.json", "the results file (--output_dir)")
@@ -688,7 +697,8 @@ def main(args: argparse.Namespace) -> dict:
     results_path = check_outputs(args, videos)
     device = utils.resolve_device(args.device)
     model = vits.build_frozen_backbone(args, img_size=args.frame_size).to(device)
-    summary = run_evaluation(args, videos, vits.backbone_patch_features(model, 1), device)
+    with utils.created_output_dir(args.output_dir):
+        summary = run_evaluation(args, videos, vits.backbone_patch_features(model, 1), device)
     if summary["J&F"] is None:
         print("No video was scored (scoring needs an annotation for every frame): masks only", flush=True)
     else:
@@ -696,7 +706,7 @@ def main(args: argparse.Namespace) -> dict:
               f"{summary['scored_objects']} objects in {summary['scored_videos']} videos (void pixels: "
               f"{summary['void']})", flush=True)
     print(f"{summary['seconds_per_frame']:.3f} s per frame; peak memory {peak_memory_mib():.0f} MiB", flush=True)
-    utils.report_final(summary, results_path)
+    utils.report_final(summary, results_path, args.tensorboard)
     return summary
 
 

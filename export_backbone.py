@@ -1,9 +1,10 @@
 """Export backbone weights for timm or for the official DINO code.
 
-    python export_backbone.py --pretrained_weights out/checkpoint.pth --arch vit_small --patch_size 16 \\
-        --format timm --output vit_small_pwself.pth
-    python export_backbone.py --pretrained_weights out/checkpoint.pth --arch vit_small --patch_size 16 \\
-        --format dino --output vit_small_pwself_dino.pth
+    python export_backbone.py --pretrained_weights out/checkpoint.pth --format timm --output vit_small_pwself.pth
+    python export_backbone.py --pretrained_weights out/checkpoint.pth --format dino --output vit_small_pwself_dino.pth
+
+The architecture, patch size and sizes are the checkpoint's own (its stored training args and tensors) unless
+given (``vision_transformer.resolve_backbone_args``).
 
 The weights are read with the loading path of every evaluation (``vision_transformer.load_pretrained_weights``:
 ``--checkpoint_key``, ``module.``/``backbone.`` prefixes, head weights dropped, strict shapes, finite values)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import torch
 
 import utils
@@ -37,7 +39,7 @@ TIMM_TOLERANCE = 1e-5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Export backbone weights to timm's or DINO's layout")
+    parser = utils.script_parser(__file__, "Export backbone weights to timm's or DINO's layout.")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     parser.add_argument("--format", required=True, choices=("timm", "dino"),

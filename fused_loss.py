@@ -2,7 +2,7 @@
 
 The head's last layer is linear: logits ``= z W^T`` for the L2-normalised bottleneck ``z [N, d]``
 and the weight-normalised prototypes ``W [K, d]``. A matched pair (teacher token ``i``, student
-token ``j``) costs (METHOD.md section 4)
+token ``j``) costs (docs/method.md section 4)
 
     CE(i, j) = logsumexp(s_j) - <P_i, s_j>,   s_j = z_j W^T / tau_s,   P_i = softmax((t_i - C_i) / tau_t)
 

@@ -13,9 +13,12 @@ input size works, see vision_transformer.py) and ``drop_path_rate``; and ours: `
 instead of the released weights when given, takes what the evaluations' ``--pretrained_weights`` takes (a path
 of our or DINO's training checkpoint, or of a backbone-only state dict in DINO or timm layout, or a name of
 ``vision_transformer.REFERENCE_WEIGHTS``), ``checkpoint_key`` ("teacher" or "student") and size overrides
-``embed_dim``, ``depth``, ``num_heads``. Released weights are downloaded once into torch's hub cache
-(``$TORCH_HOME/hub/checkpoints``, shared with DINO's own hub entries) and read from there. A backbone returns
-the CLS feature ``[B, D]``; ``forward_features`` gives every token.
+``embed_dim``, ``depth``, ``num_heads``. With ``pretrained_weights``, the patch size and sizes left out are
+the weights' own (a checkpoint's stored training args and its tensors, as in the evaluations), and the
+entry's architecture must be theirs: ``vit_tiny(pretrained_weights="out/checkpoint.pth")`` loads a run
+trained with ``--arch vit_tiny --patch_size 8 --embed_dim 96 --depth 3 --num_heads 3``. Released weights are
+downloaded once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``, shared with DINO's own hub entries)
+and read from there. A backbone returns the CLS feature ``[B, D]``; ``forward_features`` gives every token.
 
 This repository's modules are named like DINO's (``vision_transformer``, ``utils``). They are imported here
 without taking or leaving those names in ``sys.modules``, so that DINO's hub entries and ours can be loaded in
@@ -78,22 +81,22 @@ _RELEASED = {(vits.REFERENCE_WEIGHTS[name].arch, vits.REFERENCE_WEIGHTS[name].pa
 
 def vit_tiny(pretrained: bool = False, pretrained_weights: str = "", patch_size: int | None = None,
              **kwargs) -> vits.VisionTransformer:
-    """ViT-Tiny (width 192, 12 blocks, 3 heads); patch 16 unless given or set by a reference name. DINO
-    released no ViT-Tiny: ``pretrained=True`` is an error."""
+    """ViT-Tiny (width 192, 12 blocks, 3 heads); patch size and sizes the weights' own unless given (else 16
+    and the standard sizes). DINO released no ViT-Tiny: ``pretrained=True`` is an error."""
     return _backbone("vit_tiny", pretrained, pretrained_weights, patch_size, kwargs)
 
 
 def vit_small(pretrained: bool = False, pretrained_weights: str = "", patch_size: int | None = None,
               **kwargs) -> vits.VisionTransformer:
-    """ViT-Small (width 384, 12 blocks, 6 heads); patch 16 unless given or set by a reference name;
-    ``pretrained``: DINO's ViT-S/16 or ViT-S/8."""
+    """ViT-Small (width 384, 12 blocks, 6 heads); patch size and sizes the weights' own unless given (else 16
+    and the standard sizes); ``pretrained``: DINO's ViT-S/16 or ViT-S/8."""
     return _backbone("vit_small", pretrained, pretrained_weights, patch_size, kwargs)
 
 
 def vit_base(pretrained: bool = False, pretrained_weights: str = "", patch_size: int | None = None,
              **kwargs) -> vits.VisionTransformer:
-    """ViT-Base (width 768, 12 blocks, 12 heads); patch 16 unless given or set by a reference name;
-    ``pretrained``: DINO's ViT-B/16 or ViT-B/8."""
+    """ViT-Base (width 768, 12 blocks, 12 heads); patch size and sizes the weights' own unless given (else 16
+    and the standard sizes); ``pretrained``: DINO's ViT-B/16 or ViT-B/8."""
     return _backbone("vit_base", pretrained, pretrained_weights, patch_size, kwargs)
 
 

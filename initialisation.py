@@ -83,9 +83,8 @@ def load_init_weights(args: argparse.Namespace) -> InitWeights:
 def check_architecture(backbone: dict[str, torch.Tensor], model: vits.VisionTransformer, args: argparse.Namespace,
                        path: str | Path) -> None:
     """Stop when the file's ViT (patch, width, depth) is not ``model``, the one the arguments built, naming both."""
-    weight = backbone.get("patch_embed.proj.weight")
-    depth = len({key.split(".")[1] for key in backbone if key.startswith("blocks.")})
-    found = (weight.shape[-1], weight.shape[0], depth) if weight is not None else None
+    sizes = vits.backbone_tensor_sizes(backbone)
+    found = tuple(sizes[key].value for key in ("patch_size", "embed_dim", "depth")) if sizes else None
     wanted = (model.patch_size, model.embed_dim, len(model.blocks))
     if found != wanted:
         described = (f"patch {found[0]}, width {found[1]}, depth {found[2]}" if found else

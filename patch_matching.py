@@ -1,4 +1,4 @@
-"""Geometric patch matching between two augmented views (METHOD.md section 3), and its demo.
+"""Geometric patch matching between two augmented views (docs/method.md section 3), and its demo.
 
 Two rules turn the geometry of a teacher view and a student view into token correspondences:
 
@@ -23,6 +23,7 @@ import colorsys
 from pathlib import Path
 from typing import Sequence
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -262,11 +263,10 @@ def pairs_from_map(patch_map: torch.Tensor) -> tuple[list[int], list[int]]:
 # Demo.
 # ----------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "PW-Self patch matching demo",
-        description="Draws a global (teacher) and a local (student) view of an image with their patch "
-                    "grids and token numbers, colours matched patches alike, and prints the aligned "
-                    "token lists (CLS pair first).")
+    parser = utils.script_parser(
+        __file__, "PW-Self patch matching demo: draws a global (teacher) and a local (student) view of an image "
+                  "with their patch grids and token numbers, colours matched patches alike, and prints the "
+                  "aligned token lists (CLS pair first).")
     parser.add_argument("--image", default="test.png", type=Path, help="Source image (any format PIL reads).")
     parser.add_argument("--output", default="result.png", type=Path, help="Where to write the drawing (PNG).")
     parser.add_argument("--patch_size", default=32, type=int,

@@ -28,11 +28,11 @@ import json
 import math
 import re
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import numpy as np
 import torch
 import torch.nn as nn
@@ -53,6 +53,7 @@ from vision_transformer import DINOHead
 SAMPLE_SEED, STEP_SEED = 0, 1  # tags that keep the two kinds of derived seeds apart
 PATCH_HEADS = ("shared", "separate", "ibot")  # --patch_head's values (build_student_teacher)
 STOPPED_EXIT_STATUS = 3  # the command line's status when a signal stopped training: checkpoint saved, not finished
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard's event files, in --output_dir
 
 
 # Options left unset (None) in a run from random weights take DINO's values; in a run started from weights
@@ -89,8 +90,8 @@ def run_defaults(args: argparse.Namespace, init_record: dict | None = None) -> d
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "PW-Self", add_help=False,
+    parser = utils.script_parser(
+        __file__, "PW-Self training: DINO with a patch-level loss on matched tokens.", add_help=False,
         epilog=f"Exit status: 0 finished, 1 an error (its message names the fix), 2 bad arguments, "
                f"{STOPPED_EXIT_STATUS} stopped by SIGTERM, SIGUSR1 or Ctrl-C with checkpoint.pth saved (rerun the same "
                "command to continue), 130 a second Ctrl-C.")
@@ -278,6 +279,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     utils.add_device_arg(group)
     utils.add_dino_launch_args(group)
     group.add_argument("--print_freq", default=10, type=int, help="Print a progress line every this many iterations.")
+    group.add_argument("--tensorboard", default=False, type=utils.bool_flag,
+                       help="Also write the training curves (train/loss, train/loss_cls, train/loss_patch, train/lr, "
+                            "train/wd, train/teacher_temp, train/teacher_momentum, ...) at every iteration to "
+                            "<output_dir>/tensorboard, for tensorboard --logdir <output_dir>/tensorboard (rank 0; "
+                            "needs the tensorboard package). A resumed run continues the same curves.")
     parser.add_argument("-h", "--help", action="help", help="Show this message and exit.")
     return parser
 
@@ -292,6 +298,8 @@ def validate_args(args: argparse.Namespace) -> None:
                 + _path_problems(args))
     if problems:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+    if args.tensorboard:
+        utils.require_tensorboard()
 
 
 def apply_use_fp16(args: argparse.Namespace) -> None:
@@ -724,6 +732,7 @@ class Trainer:
         self.started_from: str | None = None  # the checkpoint this process resumed, if any
         self.args_changes: dict[str, list] = {}  # the settings changed at that resume: {name: [checkpoint, now]}
         self.fused_loss = uses_fused_loss(args)
+        self.curves = None  # --tensorboard's SummaryWriter on rank 0 (open_curves), else None
 
     def step(self, images: list[torch.Tensor], geometry: torch.Tensor, epoch: int, iteration: int,
              iteration_in_epoch: int) -> dict[str, float]:
@@ -759,7 +768,7 @@ class Trainer:
         if not self.args.patch_loss:
             stats = {k: v for k, v in stats.items() if k not in ("loss_patch", "matched_patches")}
         return {"loss": loss_value, **stats, "lr": self.optimizer.param_groups[0]["lr"],
-                "wd": self.optimizer.param_groups[0]["weight_decay"],
+                "wd": self.optimizer.param_groups[0]["weight_decay"], "teacher_momentum": momentum,
                 "teacher_temp": float(self.loss_fn.teacher_temps[epoch]), **self._patch_temperature(epoch)}
 
     def backbone_frozen(self, epoch: int) -> bool:
@@ -842,17 +851,23 @@ class Trainer:
             f"{self.args.output_dir} is untouched. Try a lower --lr, --precision fp32 or bf16, or a "
             f"lower --teacher_temp.")
 
-    def train_one_epoch(self, loader: DataLoader, epoch: int, start: ResumePoint) -> dict[str, float]:
+    def train_one_epoch(self, loader: DataLoader, epoch: int, start: ResumePoint,
+                        run: utils.Progress | None = None) -> dict[str, float]:
         """Run ``epoch`` from iteration ``start.iteration`` (the loader must start there too), writing
         checkpoint.pth every ``--save_every_iters``; returns the epoch's mean statistics and its total
-        ``skipped_images``. A stop signal before the epoch's last step saves and raises ``TrainingStopped``."""
+        ``skipped_images``. A stop signal before the epoch's last step saves and raises ``TrainingStopped``.
+        ``run``: the whole run's progress, whose ETA the progress lines show."""
         logger = utils.MetricLogger()
         logger.add_totals(start.metrics)
         header = f"Epoch: [{epoch}/{self.args.epochs}]"
-        batches = logger.log_every(loader, self.args.print_freq, header)
+        batches = logger.log_every(loader, self.args.print_freq, header, run)
         for index, (images, geometry, replaced) in enumerate(batches, start=start.iteration):
             iteration = epoch * self.schedules.iters_per_epoch + index
-            logger.update(**self.step(images, geometry, epoch, iteration, index), skipped_images=replaced.sum().item())
+            stats = self.step(images, geometry, epoch, iteration, index)
+            logger.update(**stats, skipped_images=replaced.sum().item())
+            if self.curves is not None:
+                for name, value in stats.items():
+                    self.curves.add_scalar(f"train/{name}", value, iteration)
             if self.stop_due() and index + 1 < self.schedules.iters_per_epoch:  # at the last, the epoch ends first
                 self.stop(ResumePoint(epoch, index + 1, logger.global_totals()))
             if self.mid_epoch_save_due(iteration, index):
@@ -961,10 +976,8 @@ def restore_checkpoint(output_dir: Path, trainer: Trainer, source: tuple[Path, d
     trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     if trainer.scaler is not None and "fp16_scaler" in checkpoint:
         trainer.scaler.load_state_dict(checkpoint["fp16_scaler"])
-    point = ResumePoint(int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0)),
-                        checkpoint.get("epoch_metrics", {}) if utils.is_main_process() else {})
-    print(f"Resumed from {path}: next epoch {point.epoch}, iteration {point.iteration}", flush=True)
-    return point
+    return ResumePoint(int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0)),
+                       checkpoint.get("epoch_metrics", {}) if utils.is_main_process() else {})
 
 
 def checkpoint_patches(checkpoint: dict | None) -> int | None:
@@ -1139,7 +1152,6 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} images give no full batch of {args.batch_size_per_gpu} per process "
                          f"over {utils.get_world_size()} process(es); lower --batch_size_per_gpu")
-    print(f"Data: {len(dataset)} images in {args.data_path}, {len(loader)} iterations per epoch; {augmentation}")
     return loader
 
 
@@ -1164,8 +1176,6 @@ def build_trainer(args: argparse.Namespace, device: torch.device, loader: DataLo
         student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     autocast_dtype = resolve_precision(args.precision, device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    print(f"Student and teacher: {args.arch}/{args.patch_size}, {sum(p.numel() for p in student.parameters()):,} "
-          f"parameters; precision {autocast_dtype or torch.float32}; device {device}", flush=True)
     run_facts = {"num_images": len(loader.dataset), "world_size": utils.get_world_size()}
     return Trainer(args, student, teacher, loss_fn, optimizer, Schedules(args, len(loader)), scaler,
                    autocast_dtype, device, run_facts)
@@ -1220,18 +1230,18 @@ def write_epoch_outputs(trainer: Trainer, output_dir: Path, epoch: int, train_st
 def claim_output_dir(output_dir: Path, held: contextlib.ExitStack) -> None:
     """Rank 0: create ``output_dir`` and take its lock until ``held`` closes (a live run there is refused,
     named), then clear temporaries left by processes killed while saving: only the lock's holder knows that
-    none of them is another live run's checkpoint in flight."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    none of them is another live run's checkpoint in flight. A start that fails before writing anything there
+    removes the folder again if it created it (``utils.created_output_dir``)."""
+    held.enter_context(utils.created_output_dir(output_dir))
     held.enter_context(utils.folder_lock(output_dir))
     utils.remove_stale_temporaries(output_dir)
 
 
-def start_or_resume(output_dir: Path, trainer: Trainer, source: tuple[Path, dict | None]) -> ResumePoint:
-    """Restore the checkpoint to continue from; then, on rank 0, move aside what another lineage left from
-    there on, write args.json (and args_history.jsonl when the lineage changes), write checkpoint.pth at once
+def record_start(output_dir: Path, trainer: Trainer, resume: ResumePoint) -> None:
+    """Rank 0, once the checkpoint to continue from is restored (``resume``): move aside what another lineage left
+    from there on, write args.json (and args_history.jsonl when the lineage changes), write checkpoint.pth at once
     when there is none (a fresh start or ``--resume_from``: log lines then never exist without it), and drop
     the log lines it does not cover."""
-    resume = restore_checkpoint(output_dir, trainer, source)
     if utils.is_main_process():
         set_aside_other_lineages(output_dir, trainer, resume)
         utils.write_text_atomic(json.dumps(vars(trainer.args), indent=2) + "\n", output_dir / "args.json")
@@ -1239,7 +1249,6 @@ def start_or_resume(output_dir: Path, trainer: Trainer, source: tuple[Path, dict
         if not (output_dir / "checkpoint.pth").exists():
             save_checkpoint(trainer, resume)
         utils.trim_epoch_log(output_dir / "log.txt", resume.epoch)
-    return resume
 
 
 def set_aside_other_lineages(output_dir: Path, trainer: Trainer, resume: ResumePoint) -> None:
@@ -1299,17 +1308,61 @@ def record_lineage_start(output_dir: Path, trainer: Trainer, resume: ResumePoint
 
 
 def train(trainer: Trainer, loader: DataLoader, output_dir: Path, resume: ResumePoint) -> None:
-    """The epochs from ``resume`` on. A stop signal ends them after the current step, with checkpoint.pth
-    written, by raising ``TrainingStopped``."""
-    args, start_time = trainer.args, time.time()
+    """The epochs from ``resume`` on, each ending with a line of the whole run's elapsed time and ETA. A stop
+    signal ends them after the current step, with checkpoint.pth written, by raising ``TrainingStopped``."""
+    args, iters_per_epoch = trainer.args, trainer.schedules.iters_per_epoch
+    run = utils.Progress(args.epochs * iters_per_epoch, "Run", done=resume.epoch * iters_per_epoch + resume.iteration)
     for epoch in range(resume.epoch, args.epochs):
         start = resume if epoch == resume.epoch else ResumePoint(epoch)
         loader.sampler.set_epoch(epoch, start.iteration * args.batch_size_per_gpu)
-        train_stats = trainer.train_one_epoch(loader, epoch, start)
+        train_stats = trainer.train_one_epoch(loader, epoch, start, run)
         write_epoch_outputs(trainer, output_dir, epoch, train_stats)
+        print(f"Epoch {epoch} done ({epoch + 1} of {args.epochs}); the run: {run.times()}", flush=True)
         if trainer.stop_due() and epoch + 1 < args.epochs:  # the signal came in the epoch's last step
             raise trainer.stopped(ResumePoint(epoch + 1))
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}", flush=True)
+    print(f"Training time {utils.format_duration(run.elapsed)}", flush=True)
+
+
+def run_summary(trainer: Trainer, loader: DataLoader, resume: ResumePoint) -> str:
+    """The few lines printed before training (every argument is in args.json): data, model, schedule, output
+    folder, and where the run starts."""
+    args, iters_per_epoch, processes = trainer.args, trainer.schedules.iters_per_epoch, utils.get_world_size()
+    total_batch = args.batch_size_per_gpu * processes
+    backbone = sum(p.numel() for p in trainer.student_module.backbone.parameters())
+    heads = sum(p.numel() for p in trainer.student_module.parameters()) - backbone
+    precision = str(trainer.autocast_dtype or torch.float32).removeprefix("torch.")
+    curves = f"; training curves in {Path(args.output_dir) / TENSORBOARD_DIR}" if args.tensorboard else ""
+    return "\n".join([
+        f"Data: {len(loader.dataset)} images in {args.data_path}, {iters_per_epoch} iterations per epoch; "
+        f"{loader.dataset.transform}",
+        f"Model: {args.arch}/{args.patch_size} student and teacher, {backbone:,} backbone + {heads:,} head parameters; "
+        f"precision {precision}; device {trainer.device}",
+        f"Schedule: {args.epochs} epochs x {iters_per_epoch} iterations = {args.epochs * iters_per_epoch} steps; batch "
+        f"{args.batch_size_per_gpu} per process x {processes} process(es) = {total_batch}; peak lr "
+        f"{trainer.schedules.lr.max():.3g} (--lr {args.lr:g} x {total_batch}/256) after {args.warmup_epochs:g} "
+        "warm-up epoch(s)",
+        f"Output: {args.output_dir} (every argument in args.json{curves})",
+        start_description(trainer, resume)])
+
+
+def start_description(trainer: Trainer, resume: ResumePoint) -> str:
+    """Whether the run starts afresh, from ``--init_weights`` or resumes a checkpoint, and where."""
+    if trainer.started_from is not None:
+        return f"Resumed from {trainer.started_from}: next epoch {resume.epoch}, iteration {resume.iteration}"
+    if trainer.args.init_record is not None:
+        return f"Start: epoch 0, from --init_weights {trainer.args.init_weights} (what was loaded: above)"
+    return "Start: epoch 0, from random weights"
+
+
+def open_curves(trainer: Trainer, output_dir: Path, resume: ResumePoint, held: contextlib.ExitStack) -> None:
+    """Rank 0, with ``--tensorboard``: the writer of the training curves in ``<output_dir>/tensorboard`` until
+    ``held`` closes, its global step the iteration. On a resume, TensorBoard hides what an interrupted run logged
+    from the resumed iteration on (the writer's purge step): the curves go on without doubled points."""
+    if not (trainer.args.tensorboard and utils.is_main_process()):
+        return
+    iteration = resume.epoch * trainer.schedules.iters_per_epoch + resume.iteration
+    trainer.curves = utils.tensorboard_writer(output_dir / TENSORBOARD_DIR, purge_step=iteration)
+    held.callback(trainer.curves.close)
 
 
 def main(args: argparse.Namespace) -> Trainer:
@@ -1324,7 +1377,6 @@ def main(args: argparse.Namespace) -> Trainer:
     output_dir = Path(args.output_dir)
     with contextlib.ExitStack() as held:
         utils.run_on_main_process(lambda: claim_output_dir(output_dir, held))
-        print("\n".join(f"{name}: {value}" for name, value in sorted(vars(args).items())), flush=True)
         loader = build_loader(args)
         source = resume_checkpoint(output_dir, args.resume_from)  # read once: its grid shapes the models
         init = initial_weights(args, source)
@@ -1332,13 +1384,16 @@ def main(args: argparse.Namespace) -> Trainer:
         trainer = build_trainer(args, device, loader, grid)
         if init is not None:
             start_from_weights(trainer, init)
-        resume = start_or_resume(output_dir, trainer, source)
+        resume = restore_checkpoint(output_dir, trainer, source)
         del init
         del source  # the checkpoint's own tensors (a second copy of the model) are not needed while training
+        print(run_summary(trainer, loader, resume), flush=True)
+        record_start(output_dir, trainer, resume)
         if resume.epoch >= args.epochs:
             print(f"Training already finished: {output_dir / 'checkpoint.pth'} is at epoch {resume.epoch} "
                   f"of {args.epochs}.")
             return trainer
+        open_curves(trainer, output_dir, resume, held)
         with trainer.stop_signals:
             train(trainer, loader, output_dir, resume)
     return trainer

@@ -35,6 +35,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import numpy as np
 from PIL import Image
 
@@ -59,7 +60,7 @@ DAMAGED_FILE_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Prepare a dataset as train/<class>/*.png and val/<class>/*.png")
+    parser = utils.script_parser(__file__, "Prepare a dataset as train/<class>/*.png and val/<class>/*.png.")
     parser.add_argument("--dataset", required=True, choices=["fashion_mnist", "cifar10", "cifar100",
                                                              "fashion_mnist_scenes"],
                         help="Which dataset to convert; fashion_mnist_scenes makes multi-garment canvases with masks.")

@@ -1,4 +1,4 @@
-"""The PW-Self objective (METHOD.md section 4): matched token pairs of a batch and the loss over them.
+"""The PW-Self objective (docs/method.md section 4): matched token pairs of a batch and the loss over them.
 
 ``compute_matches`` turns view geometries into, for every (teacher global view, student view) pair, the
 teacher token matched to each student token; ``matched_pairs`` flattens those into rows, partners and loss
@@ -114,7 +114,7 @@ def _group_partners(matches: dict[tuple[int, int], torch.Tensor], views: list[in
 
 
 def pair_weights(match: torch.Tensor, cls_weight: float | None) -> torch.Tensor:
-    """``d l(g, v) / d CE`` for every token of view-pair matches ``[..., B, T_v]``, float64 (METHOD.md section 4).
+    """``d l(g, v) / d CE`` for every token of view-pair matches ``[..., B, T_v]``, float64 (docs/method.md section 4).
 
     Unset ``cls_weight``: ``1 / (B + matched patches)`` for every matched token. Else ``lambda / B`` for
     CLS and ``(1 - lambda) / matched patches`` for patches; ``1 / B`` for CLS when no patch is matched.
@@ -163,7 +163,7 @@ def match_within_head(match: torch.Tensor, where: slice) -> torch.Tensor:
 
 
 class PatchWiseDINOLoss(nn.Module):
-    """The PW-Self objective (METHOD.md section 4) with one center per teacher token position.
+    """The PW-Self objective (docs/method.md section 4) with one center per teacher token position.
 
     ``forward`` computes it fused with the head's last layer (``fused_loss.py``: chunked, from the
     embeddings of matched tokens); ``reference`` computes the same from full per-view logits, the

@@ -1,9 +1,9 @@
 """Multi-crop augmentation that records where every view came from.
 
-Each view carries its geometry (METHOD.md section 2): the crop box ``top, left, height, width`` in
+Each view carries its geometry (docs/method.md section 2): the crop box ``top, left, height, width`` in
 source-image pixels as drawn by RandomResizedCrop, whether it was ``flipped`` horizontally after
 cropping, and its output side ``size`` in pixels. Colour operations, including the optional
-patch-level photometrics (METHOD.md section 5, ``PatchPhotometric``), leave geometry unchanged.
+patch-level photometrics (docs/method.md section 5, ``PatchPhotometric``), leave geometry unchanged.
 Patch matching (``patch_matching.py``) turns two geometries into token correspondences.
 
 A geometry travels as a float64 tensor row ``[top, left, height, width, flipped, size]`` (float64
@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
@@ -169,7 +170,7 @@ def photometric_transform(blur_p: float, solarize_p: float) -> transforms.Compos
 
 
 class PatchPhotometric:
-    """Patch-level photometric augmentation (METHOD.md section 5) of uint8 views in the data workers.
+    """Patch-level photometric augmentation (docs/method.md section 5) of uint8 views in the data workers.
 
     The float op is ``device_augment.patch_photometric``, the one ``--gpu_augment`` runs on the device:
     uint8 ``[B, 3, S, S]`` -> ``/ 255`` -> every tile of ``patch_size`` augmented on its own (each view
@@ -313,9 +314,9 @@ def eval_transform(resize_size: int, crop_size: int) -> transforms.Compose:
 # Script: a view before and after the patch-level photometrics.
 # ----------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Patch-level photometric augmentation of one view, drawn",
-                                     description="Writes a random view of --image before and after the patch-level "
-                                                 "photometrics (METHOD.md section 5), with its tile grid.")
+    parser = utils.script_parser(__file__, "Patch-level photometric augmentation of one view, drawn: writes a random "
+                                           "view of --image before and after the patch-level photometrics "
+                                           "(docs/method.md section 5), with its tile grid.")
     parser.add_argument("--image", default="test.png", type=Path, help="Source photo (any format PIL reads).")
     parser.add_argument("--output", default="patch_augment.png", type=Path, help="Where to write the drawing (PNG).")
     parser.add_argument("--size", default=224, type=int, help="Side of the view in pixels (a global view).")

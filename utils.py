@@ -7,7 +7,9 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -103,6 +105,46 @@ def run_script(main: Callable[[argparse.Namespace], object], parser: argparse.Ar
             raise
         sys.stderr.write(f"error: {error}\n(rerun with --debug for the traceback)\n")
         sys.exit(1)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every script's ``--help``: the description and epilog as written (line breaks kept), and each option's
+    help followed by ``(default: X)``, unless its text states the default already or there is none to state
+    (None, a suppressed default, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        shown = shown_default(action)
+        if shown is None or states_default(help_text, shown):
+            return help_text
+        return f"{help_text} (default: {shown.replace('%', '%%')})"  # help strings are %-formatted
+
+
+def shown_default(action: argparse.Action) -> str | None:
+    """An option's default as a user would type it (a list as its values, a bool as true/false, nothing as
+    "none"), or None where there is nothing to show: no default, a suppressed one, a flag (store_true) that is off."""
+    default = action.default
+    if default is None or default is argparse.SUPPRESS or (action.nargs == 0 and default is False):
+        return None
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default)) or "none"
+    return str(default) or "none"
+
+
+def states_default(help_text: str, shown: str) -> bool:
+    """Whether an option's help already says its default: argparse's ``%(default)s``, or the word "default" and
+    the value itself (e.g. "vit_small (default)", "Default: 16")."""
+    return "%(default)" in help_text or (re.search(r"\bdefault", help_text, re.IGNORECASE) is not None
+                                         and shown in help_text)
+
+
+def script_parser(script: str, description: str, **options) -> argparse.ArgumentParser:
+    """A script's argument parser: named by the script's file (``script``: its ``__file__``), as a shell user
+    runs it, whatever imports it; ``description`` above the options; every default shown (``HelpFormatter``)."""
+    return argparse.ArgumentParser(prog=Path(script).name, description=description, formatter_class=HelpFormatter,
+                                   **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,6 +730,45 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+@contextlib.contextmanager
+def created_output_dir(path: str | Path) -> Iterator[Path]:
+    """Create folder ``path`` (and its missing parents) for the block. When the block fails (any exception, Ctrl-C
+    included), the folders created here are removed again if no file was written into them: a start that fails
+    leaves no empty output folder behind.
+
+    Nothing else is ever removed: a folder that existed before stays, and so does one holding any file (a
+    checkpoint, a log, another run's lock). Folders go one by one with ``os.rmdir``, which refuses a folder that
+    is not empty.
+    """
+    path = Path(path)
+    created = []  # deepest first
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        created.append(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        _remove_folders_without_files(created)
+        raise
+
+
+def _remove_folders_without_files(created: list[Path]) -> None:
+    """Remove ``created`` (deepest first) if the deepest holds no file at any depth: its empty sub-folders bottom-up,
+    then each folder in turn, stopping at the first that cannot go."""
+    if not created:
+        return
+    tree = list(os.walk(created[0], topdown=False))  # sub-folders before their parents, created[0] last
+    if any(files for _, _, files in tree):
+        return
+    for folder in [Path(root) for root, _, _ in tree] + created[1:]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def _probe_write(folder: Path, what: str) -> None:
     """Write and remove a 4 KiB hidden file in ``folder``; a failure names ``what``, the folder and its free space."""
     probe = folder / f".write_probe.tmp.{os.getpid()}"
@@ -970,13 +1051,72 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 # ----------------------------------------------------------------------------------------------
 # Logging.
 # ----------------------------------------------------------------------------------------------
-def report_final(summary: dict, output_json: str | Path = "") -> None:
-    """An evaluation's last words: ``summary`` written to ``output_json`` (if given, by the main process)
-    and printed as one ``FINAL {json}`` line that scripts can parse."""
+def report_final(summary: dict, output_json: str | Path = "", tensorboard: str | Path = "") -> None:
+    """An evaluation's last words: ``summary`` written to ``output_json`` (if given, by the main process), its
+    numbers to event files in ``tensorboard`` (if given, see ``write_final_scalars``), and printed as one
+    ``FINAL {json}`` line that scripts can parse."""
     if output_json and is_main_process():
         Path(output_json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(summary, indent=2) + "\n", output_json)
+    if tensorboard and is_main_process():
+        write_final_scalars(summary, tensorboard)
     print("FINAL " + json.dumps(summary), flush=True)
+
+
+def add_tensorboard_arg(parser) -> None:
+    """An evaluation's ``--tensorboard DIR``: its final figures as TensorBoard scalars (``write_final_scalars``)."""
+    parser.add_argument("--tensorboard", default="", type=str, metavar="DIR",
+                        help="Also write the final figures as TensorBoard scalars to event files in this folder "
+                             "(tags <eval>/<figure>, e.g. knn/results/20/top1, at step 0; view them with tensorboard "
+                             "--logdir DIR). Needs the tensorboard package.")
+
+
+def require_tensorboard() -> None:
+    """Stop before any work when the tensorboard package that ``--tensorboard`` writes with is not installed."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise RuntimeError("--tensorboard needs the tensorboard package: pip install -r requirements.txt (or pip "
+                           "install tensorboard), or leave out --tensorboard")
+
+
+def check_tensorboard_dir(path: str | Path) -> Path:
+    """Stop before any work when an evaluation's ``--tensorboard`` folder cannot be written, or tensorboard is not
+    installed."""
+    require_tensorboard()
+    return check_output_dir(path, "--tensorboard")
+
+
+def tensorboard_writer(log_dir: str | Path, purge_step: int | None = None):
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing event files to ``log_dir`` (created). ``purge_step``:
+    where a resumed run continues; TensorBoard hides the points an earlier run logged from that step on."""
+    require_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter  # here: importing it takes seconds
+
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
+
+
+def final_scalars(summary: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of an evaluation's summary by path, ``{"results/20/top1": 71.2, ...}``: nested dicts are walked;
+    text, lists, booleans and the record of the ``settings`` are left out."""
+    scalars = {}
+    for key, value in summary.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "settings":
+            scalars.update(final_scalars(value, f"{tag}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[tag] = float(value)
+    return scalars
+
+
+def write_final_scalars(summary: dict, log_dir: str | Path) -> None:
+    """Every number of ``summary`` (``final_scalars``) as the scalar ``<summary["eval"]>/<path>`` at step 0 of new
+    event files in ``log_dir``."""
+    writer = tensorboard_writer(log_dir)
+    try:
+        for tag, value in final_scalars(summary).items():
+            writer.add_scalar(f"{summary['eval']}/{tag}", value, 0)
+    finally:
+        writer.close()
+    print(f"Wrote the final figures as TensorBoard scalars to {log_dir}", flush=True)
 
 
 def trim_epoch_log(log_path: str | Path, next_epoch: int) -> None:
@@ -1002,6 +1142,116 @@ def _logged_epoch(line: str) -> float:
         return json.loads(line)["epoch"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+# Off a terminal (a log file, a pipe) a progress line is printed at each tenth of a loop and at least once a
+# minute, plus one at the end: a loop over a million images logs a few dozen lines. On a terminal one line is
+# rewritten in place, at most every TERMINAL_REFRESH_S seconds.
+PROGRESS_FRACTIONS = 10
+PROGRESS_INTERVAL_S = 60.0
+TERMINAL_REFRESH_S = 0.5
+
+
+def format_duration(seconds: float | None) -> str:
+    """``seconds`` as ``H:MM:SS`` (``N days, H:MM:SS`` from a day on); ``?`` when not known (None, infinite)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def stdout_is_terminal() -> bool:
+    """Whether ``sys.stdout`` (as it is now: tests and compare.py replace it) is a terminal."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # an object without isatty, or a closed file
+        return False
+
+
+class Progress:
+    """The progress of a loop over ``total`` items: elapsed time, ETA, and a progress line shown at a bounded
+    rate (``PROGRESS_FRACTIONS``; never a carriage return off a terminal).
+
+    ``done``: items already done before this process started (a resumed run). The ETA extrapolates from the items
+    timed here, which exclude those and the ones ``skip`` counts (done without work, e.g. reused results).
+    """
+
+    def __init__(self, total: int, header: str = "", done: int = 0):
+        self.total, self.header, self.done = total, header, done
+        self.start = self._last_shown = time.time()
+        self._untimed = done
+        self._shown_fraction = self._fraction()
+        self._line_open = False  # on a terminal: a line is being rewritten in place
+
+    def _fraction(self) -> int:
+        return self.done * PROGRESS_FRACTIONS // self.total if self.total else PROGRESS_FRACTIONS
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far; None before the first timed item."""
+        timed = self.done - self._untimed
+        return self.elapsed / timed * max(self.total - self.done, 0) if timed > 0 else None
+
+    def times(self) -> str:
+        return f"elapsed: {format_duration(self.elapsed)}  eta: {format_duration(self.eta)}"
+
+    def line(self, detail: str = "") -> str:
+        """``<header> [done/total] percent  elapsed: H:MM:SS  eta: H:MM:SS  <detail>``."""
+        percent = 100 * self.done // self.total if self.total else 100
+        text = f"{self.header} [{self.done:>{len(str(self.total))}}/{self.total}] {percent:>3}%  {self.times()}"
+        return f"{text}  {detail}" if detail else text
+
+    def advance(self, count: int = 1) -> None:
+        """Count ``count`` more items done, showing nothing."""
+        self.done += count
+
+    def skip(self, count: int = 1) -> None:
+        """Count ``count`` items done without work: they do not shorten the ETA's time per item."""
+        self.done += count
+        self._untimed += count
+
+    def step(self, count: int = 1, detail: Callable[[], str] | None = None) -> None:
+        """``advance``, then show the line (with ``detail()`` after the times) if one is due."""
+        self.advance(count)
+        if self._due():
+            self.show(detail() if detail else "")
+
+    def _due(self) -> bool:
+        since = time.time() - self._last_shown
+        if stdout_is_terminal():
+            return since >= TERMINAL_REFRESH_S
+        return self.done < self.total and (self._fraction() > self._shown_fraction or since >= PROGRESS_INTERVAL_S)
+
+    def show(self, detail: str = "") -> None:
+        """Print the line now: in place on a terminal, as a whole line elsewhere."""
+        self._last_shown, self._shown_fraction = time.time(), self._fraction()
+        if stdout_is_terminal():
+            print("\r\x1b[K" + self.line(detail), end="", flush=True)
+            self._line_open = True
+        else:
+            print(self.line(detail), flush=True)
+
+    def finish(self, detail: str = "") -> None:
+        """The closing line: items done, total time and time per item (on a terminal, in place of the last line)."""
+        timed = max(self.done - self._untimed, 1)
+        text = (f"{self.header} {self.done} done in {format_duration(self.elapsed)} "
+                f"({self.elapsed / timed:.4g} s each)" + (f"  {detail}" if detail else ""))
+        print(("\r\x1b[K" if self._line_open else "") + text, flush=True)
+        self._line_open = False
+
+
+def progress(iterable: Iterable, header: str, total: int | None = None,
+             detail: Callable[[], str] | None = None) -> Iterator:
+    """Yield from ``iterable`` (of ``total`` items, by default ``len(iterable)``) showing a ``Progress``; its
+    closing line once the loop is through. ``detail()`` adds text to each line (e.g. running metrics)."""
+    tracker = Progress(len(iterable) if total is None else total, header)
+    for item in iterable:
+        yield item
+        tracker.step(detail=detail)
+    tracker.finish(detail() if detail else "")
 
 
 class SmoothedValue:
@@ -1070,25 +1320,31 @@ class MetricLogger:
     def __str__(self) -> str:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def log_every(self, iterable, print_freq: int, header: str = "") -> Iterator:
-        """Yield from ``iterable``, printing progress every ``print_freq`` items and at the end."""
+    def log_every(self, iterable, print_freq: int, header: str = "", run: Progress | None = None) -> Iterator:
+        """Yield from ``iterable``, printing a line every ``print_freq`` items and at the end (DINO's format, whole
+        lines): position, elapsed time and ETA of this loop, with ``run`` (a ``Progress`` of the whole run,
+        advanced here) the run's ETA too, then the meters, step and data time."""
         total = len(iterable)
+        loop = Progress(total, header)
         step_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
-        start = end = time.time()
+        end = time.time()
         width = len(str(total))
         for index, item in enumerate(iterable):
             data_time.update(time.time() - end)
             yield item
             step_time.update(time.time() - end)
+            loop.advance()
+            if run is not None:
+                run.advance()
             if index % print_freq == 0 or index == total - 1:
-                eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - index - 1)))
+                whole_run = f"  run eta: {format_duration(run.eta)}" if run is not None else ""
                 memory = (f"  max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB"
                           if torch.cuda.is_available() else "")
-                print(f"{header} [{index:>{width}}/{total}]  eta: {eta}  {self}  "
+                print(f"{header} [{index:>{width}}/{total}]  {loop.times()}{whole_run}  {self}  "
                       f"time: {step_time}  data: {data_time}{memory}", flush=True)
             end = time.time()
-        elapsed = datetime.timedelta(seconds=int(time.time() - start))
-        print(f"{header} total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)", flush=True)
+        print(f"{header} total time: {format_duration(loop.elapsed)} ({loop.elapsed / max(total, 1):.4f} s / it)",
+              flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

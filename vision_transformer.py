@@ -22,9 +22,9 @@ import math
 import re
 import urllib.error
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -311,21 +311,33 @@ def _init_linear(module: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
 BACKBONE_SIZE_ARGS = ("embed_dim", "depth", "num_heads")
+ARCHITECTURE_ARGS = ("arch", "patch_size", *BACKBONE_SIZE_ARGS)
 DEFAULT_ARCH, DEFAULT_PATCH_SIZE = "vit_small", 16
+WEIGHTS_ARCHITECTURE_HELP = ("a checkpoint's stored training args, a reference name's, or the architecture of their "
+                             "width; vit_small with --random_init")
 
 
 def add_backbone_args(parser) -> None:
     """The arguments that define a backbone, shared by training and every evaluation script."""
     parser.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS),
                         help="Backbone: vit_small (default) is the usual choice, vit_tiny the fastest. When "
-                             "evaluating, it must match the weights; a reference-weights name sets it.")
+                             f"evaluating weights, left out it is theirs ({WEIGHTS_ARCHITECTURE_HELP}); given, it "
+                             "must agree with them.")
     parser.add_argument("--patch_size", default=DEFAULT_PATCH_SIZE, type=int,
                         help="Patch side in pixels (default 16). Smaller patches give more tokens and better "
                              "features at a quadratic attention cost; image and crop sides must be multiples of "
-                             "it. When evaluating, a reference-weights name sets it.")
-    parser.add_argument("--embed_dim", default=None, type=int, help="Override the architecture's width (tiny models).")
-    parser.add_argument("--depth", default=None, type=int, help="Override the architecture's number of blocks.")
-    parser.add_argument("--num_heads", default=None, type=int, help="Override the architecture's number of heads.")
+                             "it. When evaluating weights, left out it is theirs (the kernel of their patch "
+                             "embedding, or a reference name's); given, it must agree with them.")
+    parser.add_argument("--embed_dim", default=None, type=int,
+                        help="Override the architecture's width (tiny models). Default: the architecture's; when "
+                             "evaluating weights, theirs.")
+    parser.add_argument("--depth", default=None, type=int,
+                        help="Override the architecture's number of blocks. Default: the architecture's; when "
+                             "evaluating weights, theirs.")
+    parser.add_argument("--num_heads", default=None, type=int,
+                        help="Override the architecture's number of heads. Default: the architecture's; when "
+                             "evaluating weights, theirs (a checkpoint's stored args, or the architecture of their "
+                             "width; other files need it given).")
 
 
 def check_backbone_args(args) -> list[str]:
@@ -346,9 +358,9 @@ def check_backbone_args(args) -> list[str]:
 
 
 def validate_backbone_args(args) -> None:
-    """Fill in ``--arch`` and ``--patch_size`` where not given (``resolve_backbone_args``), then raise a
-    ``ValueError`` listing ``check_backbone_args``'s problems, if any (for an evaluation's ``validate_args``,
-    and before any model is built)."""
+    """Fill in the backbone arguments not given from the weights, or the defaults (``resolve_backbone_args``),
+    then raise a ``ValueError`` listing ``check_backbone_args``'s problems, if any (for an evaluation's
+    ``validate_args``, and before any model is built)."""
     resolve_backbone_args(args)
     problems = check_backbone_args(args)
     if problems:
@@ -498,16 +510,18 @@ def missing_weights_message(args) -> str:
 def add_weights_args(parser) -> None:
     """The arguments that pick evaluation weights; call after ``add_backbone_args``.
 
-    ``--arch`` and ``--patch_size`` then default to None ("not given"), so that a reference-weights name
-    can set them and an explicit value that contradicts it is caught (``resolve_backbone_args``).
+    ``--arch`` and ``--patch_size`` then default to None ("not given"), so that the weights (a reference name,
+    or the file itself) can set them and an explicit value that contradicts them is caught
+    (``resolve_backbone_args``).
     """
     names = ", ".join(f"{name} ({entry.arch}, patch {entry.patch_size}: {entry.description})"
                       for name, entry in REFERENCE_WEIGHTS.items())
     parser.add_argument("--pretrained_weights", default="", type=str,
                         help="Weights to evaluate: the path of our or DINO's training checkpoint or of a "
                              "backbone-only state dict (DINO or timm layout); or the name of DINO's released "
-                             f"weights, which also sets --arch and --patch_size: {names}. A name is downloaded "
-                             "once into torch's hub cache ($TORCH_HOME/hub/checkpoints) and read from there.")
+                             f"weights: {names}. A name is downloaded once into torch's hub cache "
+                             "($TORCH_HOME/hub/checkpoints) and read from there. The architecture, patch size and "
+                             "sizes not given are the weights' own (see --arch).")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help="Which weights of a full checkpoint to use: teacher (usual) or student.")
     parser.add_argument("--random_init", action="store_true",
@@ -522,8 +536,10 @@ def pretrained_backbone(arch: str, patch_size: int | None = None, pretrained_wei
     """The backbone ``arch`` with ``pretrained_weights`` loaded (torch.hub's entries, see ``hubconf.py``).
 
     ``pretrained_weights`` is a path or a ``REFERENCE_WEIGHTS`` name, resolved, checked and loaded as in the
-    evaluations; without it the weights are random (timm's initialisation). ``patch_size`` None takes the
-    name's patch size, else 16. ``img_size`` is one side, as an int or as DINO's one-element list (``[224]``).
+    evaluations; without it the weights are random (timm's initialisation). ``patch_size`` and the size
+    overrides left None are the weights' own (``resolve_backbone_args``: a file's stored args and tensors, a
+    name's), else 16 and ``arch``'s sizes; ``arch`` must agree with the weights. ``img_size`` is one side, as
+    an int or as DINO's one-element list (``[224]``).
     The model is returned trainable, in training mode, like DINO's hub models.
     """
     args = argparse.Namespace(arch=arch, patch_size=patch_size, pretrained_weights=pretrained_weights,
@@ -593,24 +609,144 @@ def reference_weights(value: str) -> ReferenceWeights | None:
 
 
 def resolve_backbone_args(args) -> None:
-    """Set ``args.arch`` and ``args.patch_size`` where not given (None): those of the reference weights
-    named by ``args.pretrained_weights``, else vit_small and 16. A given value that contradicts the name
-    is a ``ValueError`` naming both (the strict load would fail later, after a download)."""
+    """Set the backbone arguments left out (None) from the weights of ``args.pretrained_weights``: a reference
+    name's architecture and patch size, or what a weights file holds (``weights_architecture``); vit_small and
+    16 without weights (training, ``--random_init``). A given value that contradicts the weights is a
+    ``ValueError`` naming both, before anything is built or downloaded. A file that does not exist yet while
+    ``--arch`` and ``--patch_size`` are given (compare.py checks its evaluations' arguments before training
+    writes the checkpoint) is left to the load."""
     name = getattr(args, "pretrained_weights", "") or ""
+    if not name or getattr(args, "random_init", False):
+        fill_defaults(args, {"arch": DEFAULT_ARCH, "patch_size": DEFAULT_PATCH_SIZE})
+        return
     entry = reference_weights(name)
-    implied = {"arch": DEFAULT_ARCH, "patch_size": DEFAULT_PATCH_SIZE}
     if entry:
-        implied = {"arch": entry.arch, "patch_size": entry.patch_size}
-        contradicting = [f"--{key} {getattr(args, key, None)}" for key, value in implied.items()
-                         if getattr(args, key, None) not in (None, value)]
-        if contradicting:
-            verb = "contradicts" if len(contradicting) == 1 else "contradict"
-            raise ValueError(f"{' and '.join(contradicting)} {verb} --pretrained_weights {name}, a "
-                             f"{entry.arch} with patch size {entry.patch_size} ({entry.description}); "
-                             "leave out --arch and --patch_size to take the name's")
-    for key, value in implied.items():
+        check_reference_args(args, name, entry)
+        fill_defaults(args, {"arch": entry.arch, "patch_size": entry.patch_size})
+        return
+    architecture_given = None not in (getattr(args, "arch", None), getattr(args, "patch_size", None))
+    if Path(name).exists() or not architecture_given:
+        fill_from_weights(args, name, weights_architecture(name, getattr(args, "checkpoint_key", "teacher")))
+
+
+def fill_defaults(args, values: dict) -> None:
+    """Set each argument of ``values`` that ``args`` leaves None (or lacks) to its value there."""
+    for key, value in values.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+
+
+def check_reference_args(args, name: str, entry: ReferenceWeights) -> None:
+    """Refuse a given ``--arch`` or ``--patch_size`` that the reference weights ``name`` contradict (the strict
+    load would fail later, after a download)."""
+    implied = {"arch": entry.arch, "patch_size": entry.patch_size}
+    contradicting = [f"--{key} {getattr(args, key, None)}" for key, value in implied.items()
+                     if getattr(args, key, None) not in (None, value)]
+    if contradicting:
+        verb = "contradicts" if len(contradicting) == 1 else "contradict"
+        raise ValueError(f"{' and '.join(contradicting)} {verb} --pretrained_weights {name}, a "
+                         f"{entry.arch} with patch size {entry.patch_size} ({entry.description}); "
+                         "leave out --arch and --patch_size to take the name's")
+
+
+class Found(NamedTuple):
+    """One architecture argument as a weights file gives it, and where in the file it was read."""
+
+    value: str | int
+    source: str
+
+
+def backbone_tensor_sizes(state: dict) -> dict[str, Found]:
+    """Patch side, width and depth of a ViT backbone state dict (DINO or timm layout): the kernel and output
+    channels of ``patch_embed.proj.weight`` ``[D, 3, p, p]``, and the number of ``blocks.{i}``. Empty when
+    there is no patch embedding (not a ViT backbone: the strict load then names what is missing)."""
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is None or kernel.dim() != 4:
+        return {}
+    embedding = "from its patch embedding patch_embed.proj.weight"
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    return {"patch_size": Found(int(kernel.shape[-1]), embedding), "embed_dim": Found(int(kernel.shape[0]), embedding),
+            "depth": Found(depth, "from its blocks.{i}")}
+
+
+def stored_arch_and_heads(stored: dict, width: int) -> dict[str, Found]:
+    """The architecture name and number of heads of weights of ``width``, given their checkpoint's stored
+    training args ``stored`` (empty for a file without any).
+
+    Ours store ``num_heads`` (None stands for the architecture's own). DINO's store ``arch`` alone: its heads
+    hold where its standard width is the weights'. Otherwise the architecture whose standard width is
+    ``width`` gives the heads (and the name, if none is stored); a width no architecture has gives no heads.
+    """
+    found = {}
+    arch = stored.get("arch")
+    if arch in ARCHS:
+        found["arch"] = Found(arch, "from its stored args")
+        if "num_heads" in stored:
+            found["num_heads"] = Found(stored["num_heads"] or ARCH_SIZES[arch]["num_heads"], "from its stored args")
+            return found
+    standard = [name for name, sizes in ARCH_SIZES.items() if sizes["embed_dim"] == width]
+    if standard:
+        name = arch if arch in standard else standard[0]
+        source = f"from {name}, the architecture of its width {width}"
+        found["num_heads"] = Found(ARCH_SIZES[name]["num_heads"], source)
+        found.setdefault("arch", Found(name, source))
+    return found
+
+
+def weights_architecture(path: str, checkpoint_key: str = "teacher") -> dict[str, Found]:
+    """What the weights file ``path`` says of ``--arch``, ``--patch_size``, ``--embed_dim``, ``--depth`` and
+    ``--num_heads``: the tensors give patch, width and depth; stored training args (ours, DINO's), or the
+    width, give the architecture and heads (``stored_arch_and_heads``). Args are read at the checkpoint's top
+    level, whatever ``checkpoint_key``. Remembered per file version, as every evaluation asks twice."""
+    try:
+        stat = Path(path).stat()
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = None  # load_checkpoint names the problem
+    return dict(_weights_architecture(str(path), checkpoint_key, version))
+
+
+@lru_cache(maxsize=8)
+def _weights_architecture(path: str, checkpoint_key: str, version: tuple | None) -> tuple[tuple[str, Found], ...]:
+    checkpoint = utils.load_checkpoint(path, what="weights")
+    found = backbone_tensor_sizes(backbone_state_dict(checkpoint, checkpoint_key, source=path))
+    stored = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    if found:
+        found.update(stored_arch_and_heads(stored, found["embed_dim"].value))
+    return tuple(found.items())
+
+
+def fill_from_weights(args, path: str, found: dict[str, Found]) -> None:
+    """Check the given backbone arguments against ``found`` (``weights_architecture`` of ``path``), then set
+    those left out: the architecture's own sizes stay None, others become overrides. Prints the result once."""
+    contradictions = [f"--{key} {getattr(args, key)} contradicts the weights' {fact.value} ({path}, {fact.source}): "
+                      f"drop --{key} or give {fact.value}"
+                      for key, fact in found.items() if getattr(args, key, None) not in (None, fact.value)]
+    if contradictions:
+        raise ValueError("; ".join(contradictions))
+    if not found:  # not a ViT backbone: the strict load names what is missing
+        fill_defaults(args, {"arch": DEFAULT_ARCH, "patch_size": DEFAULT_PATCH_SIZE})
+        return
+    if getattr(args, "num_heads", None) is None and "num_heads" not in found:
+        raise ValueError(unknown_heads_message(path, found["embed_dim"].value))
+    given = {key: getattr(args, key, None) for key in ARCHITECTURE_ARGS}
+    fill_defaults(args, {"arch": found["arch"].value if "arch" in found else DEFAULT_ARCH,
+                         "patch_size": found["patch_size"].value})
+    for key in BACKBONE_SIZE_ARGS:
+        if getattr(args, key, None) is None and key in found and found[key].value != ARCH_SIZES[args.arch][key]:
+            setattr(args, key, found[key].value)
+    now = {key: getattr(args, key, None) for key in ARCHITECTURE_ARGS}
+    if now != given:
+        flags = " ".join(f"--{key} {value}" for key, value in now.items() if value is not None)
+        print(f"Backbone of the weights in {path}: {flags}", flush=True)
+
+
+def unknown_heads_message(path: str, width: int) -> str:
+    """Why the heads of weights of ``width`` cannot be told, and what to give."""
+    widths = ", ".join(f"{name} {sizes['embed_dim']}" for name, sizes in ARCH_SIZES.items())
+    return (f"cannot tell the number of attention heads of the weights in {path}: their width {width} is no standard "
+            f"architecture's ({widths}) and the file stores no num_heads (DINO's checkpoints and backbone-only files "
+            "do not); give --num_heads")
 
 
 def reference_weights_path(name: str) -> Path:

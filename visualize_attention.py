@@ -6,11 +6,11 @@
         --output_dir attention
 
 For each image, resized by ``--image_size`` and cropped at the right and bottom to whole patches (as DINO
-does), the attention of the CLS token to every patch in the last block is drawn per head. The patch size
-is the weights' own unless given (DINO's 8 for random weights). Written to ``--output_dir`` (for a folder
-of images, one sub-folder per image named by its full file name, e.g. ``photo.jpg/``, so that ``a.jpg``
-and ``a.png`` keep apart); ``img.png`` and ``attn-head{h}.png`` are the files DINO's script writes, pixel
-for pixel:
+does), the attention of the CLS token to every patch in the last block is drawn per head. The architecture
+and patch size are the weights' own unless given (patch 8, DINO's, for random weights). Written to
+``--output_dir`` (for a folder of images, one sub-folder per image named by its full file name, e.g.
+``photo.jpg/``, so that ``a.jpg`` and ``a.png`` keep apart); ``img.png`` and ``attn-head{h}.png`` are the files
+DINO's script writes, pixel for pixel:
 
 * ``img.png``: the model's input (resized, cropped, ImageNet-normalised) stretched as a whole to its own
   min and max, DINO's ``save_image(..., normalize=True)`` (so colours shift slightly against the photo);
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import requirements_check  # noqa: F401  (first: names the packages below if missing)
 import matplotlib.image
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ PANEL_INCHES, FIGURE_DPI = 1.6, 100
 
 def get_args_parser() -> argparse.ArgumentParser:
     # "resolve": the --patch_size below replaces the shared one, whose help tells the evaluations' defaults.
-    parser = argparse.ArgumentParser("Self-attention maps of the last block", conflict_handler="resolve")
+    parser = utils.script_parser(__file__, "Self-attention maps of the last block.", conflict_handler="resolve")
     vits.add_backbone_args(parser)
     vits.add_weights_args(parser)
     parser.add_argument("--patch_size", default=None, type=int,
@@ -77,8 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Stop early, with the argument's name, on settings that cannot work; the patch size last, as it may read
-    the weights file."""
+    """Stop early, with the argument's name, on settings that cannot work; the backbone last, as it reads the
+    weights file (``vits.resolve_backbone_args``: the architecture and patch size not given are the weights')."""
     if not args.image_path:
         raise ValueError("--image_path is required: an image file or a folder of images")
     if not Path(args.image_path).exists():
@@ -87,34 +88,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--image_size takes one number (shorter side) or two (H W), got {args.image_size}")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise ValueError(f"--threshold must lie in (0, 1], got {args.threshold}")
-    resolve_patch_size(args)
+    if args.random_init and args.patch_size is None:
+        args.patch_size = DINO_PATCH_SIZE
     vits.validate_backbone_args(args)
     if min(args.image_size) < args.patch_size:
         raise ValueError(f"--image_size {' '.join(map(str, args.image_size))} is smaller than one patch "
                          f"(--patch_size {args.patch_size})")
-
-
-def weights_patch_size(path: str, checkpoint_key: str) -> int | None:
-    """The patch side of the backbone weights in ``path``: the kernel of ``patch_embed.proj.weight``
-    ``[D, 3, p, p]``; None where there is none (the strict load then names what is missing)."""
-    checkpoint = utils.load_checkpoint(path, what="weights")
-    kernel = vits.backbone_state_dict(checkpoint, checkpoint_key, source=path).get("patch_embed.proj.weight")
-    return int(kernel.shape[-1]) if kernel is not None and kernel.dim() == 4 else None
-
-
-def resolve_patch_size(args: argparse.Namespace) -> None:
-    """Fill in ``--patch_size`` where not given: a weights file's own, else DINO's 8 (a reference-weights name
-    is left to ``vits.resolve_backbone_args``, which sets its own and checks a given one). A given one that
-    the file contradicts stops here, before a load that would fail on the patch embedding's shape."""
-    if vits.reference_weights(args.pretrained_weights) is not None:
-        return
-    found = weights_patch_size(args.pretrained_weights, args.checkpoint_key) if args.pretrained_weights else None
-    if found is not None and args.patch_size not in (None, found):
-        raise ValueError(f"--patch_size {args.patch_size} contradicts --pretrained_weights {args.pretrained_weights}, "
-                         f"whose patch embedding (patch_embed.proj.weight) has {found}x{found} px patches; leave "
-                         f"out --patch_size to take the weights' {found}")
-    if args.patch_size is None:
-        args.patch_size = found or DINO_PATCH_SIZE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +305,8 @@ def main(args: argparse.Namespace) -> dict:
     device = utils.resolve_device(args.device)
     native = max(args.image_size) // args.patch_size * args.patch_size  # random weights are built for this size
     model = vits.build_frozen_backbone(args, img_size=native).to(device)
-    entries = [visualize_image(model, path, folder, args, device) for path, folder in zip(images, folders)]
+    with utils.created_output_dir(args.output_dir):  # removed again, if still empty, when an image fails
+        entries = [visualize_image(model, path, folder, args, device) for path, folder in zip(images, folders)]
     summary = {"eval": "attention", "weights": args.pretrained_weights or "random_init", "arch": args.arch,
                "patch_size": args.patch_size, "threshold": args.threshold, "images": entries}
     utils.report_final(summary, args.output_json)

@@ -127,6 +127,20 @@ def dino_backbone_state(patch_size: int = 4, embed_dim: int = 32, depth: int = 1
     return {name: 0.02 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 
 
+@pytest.fixture
+def weights_not_to_load(tmp_path_factory, monkeypatch) -> Path:
+    """Backbone-only weights of the tiny model (``TINY_BACKBONE_ARGS``): an evaluation may read their architecture
+    while checking its arguments, but loading them fails the test (for tests that outputs are checked before any
+    model is built)."""
+    import vision_transformer as vits
+
+    path = tmp_path_factory.mktemp("weights") / "backbone.pth"
+    torch.save(dino_backbone_state(), path)
+    monkeypatch.setattr(vits, "load_pretrained_weights",
+                        lambda *args: pytest.fail("the weights were loaded before the outputs were checked"))
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # Retrieval and copy-detection sets in the real layouts, made from natural photos.
 # ----------------------------------------------------------------------------------------------

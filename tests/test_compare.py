@@ -228,7 +228,7 @@ def test_trained_in_evaluates_another_comparisons_models_without_training(scene_
     assert not (tmp_path / "out" / "pwself" / "seed0" / "train").exists()
     result = json.loads((tmp_path / "out" / "dino" / "seed0" / "segmentation.json").read_text())
     assert result["weights"] == str(source / "dino" / "seed0" / "train" / "checkpoint.pth")
-    with pytest.raises(ValueError, match="leave out --train_args and --variant"):
+    with pytest.raises(ValueError, match="leave out --train_args, --variant and --init_from"):
         compare.main(parse(*argv, "--train_args", "--epochs 1", "--output_dir", str(tmp_path / "other")))
     with pytest.raises(FileNotFoundError, match="no compare_args.json"):
         compare.main(parse(*argv[:-2], "--trained_in", str(tmp_path), "--output_dir", str(tmp_path / "other")))

@@ -156,9 +156,13 @@ def test_wrong_arch_or_missing_weights_are_named(tmp_path, dataset_and_checkpoin
     wrong = BACKBONE_ARGS[:-6] + ["--embed_dim", "48", "--depth", "1", "--num_heads", "2"]
     args = eval_knn.get_args_parser().parse_args(
         wrong + EVAL_ARGS[len(BACKBONE_ARGS):] + ["--data_path", str(data), "--pretrained_weights", str(checkpoint_path)])
+    with pytest.raises(ValueError, match=r"--embed_dim 48 contradicts the weights' 32 \(.*checkpoint.pth, from its "
+                                         r"patch embedding patch_embed.proj.weight\): drop --embed_dim or give 32"):
+        eval_knn.main(args)
+    wider = vits.vit_tiny(patch_size=4, embed_dim=48, depth=1, num_heads=2, img_size=16)
     with pytest.raises(RuntimeError, match=r"do not fit this backbone.*\n.*missing keys \(0\).*\n.*unexpected keys "
                                            r"\(0\).*\n.*shape mismatches \(18\): blocks\.0\.attn"):
-        eval_knn.main(args)
+        vits.load_pretrained_weights(wider, str(checkpoint_path))
     deeper = vits.vit_tiny(patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16)
     with pytest.raises(RuntimeError, match=r"missing keys \(12\): blocks\.1\."):
         vits.load_pretrained_weights(deeper, str(checkpoint_path))

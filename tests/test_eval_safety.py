@@ -260,22 +260,21 @@ def test_truncated_ground_truth_is_named(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Output paths are checked before any model or data is read; checkpoint layouts are named.
 # ----------------------------------------------------------------------------------------------
-def test_unwritable_outputs_are_named_before_any_work(tmp_path):
+def test_unwritable_outputs_are_named_before_any_work(tmp_path, weights_not_to_load):
     blocker = tmp_path / "results.txt"
     blocker.write_text("a file where a folder is expected\n")
-    # Weights that do not exist: an error about them would mean the model was loaded before the outputs were checked.
-    missing = ["--pretrained_weights", str(tmp_path / "missing.pth")]
+    weights_args = ["--pretrained_weights", str(weights_not_to_load)]
     cases = [
-        (eval_linear.main, linear_args(tmp_path, blocker, *missing), "--output_dir"),
-        (eval_knn.main, knn_args(*EVAL_ARGS, "--data_path", tmp_path, *missing, "--output_json", blocker / "knn.json"),
-         "the folder of --output_json"),
-        (eval_knn.main, knn_args(*EVAL_ARGS, "--data_path", tmp_path, *missing, "--dump_features", blocker / "f"),
+        (eval_linear.main, linear_args(tmp_path, blocker, *weights_args), "--output_dir"),
+        (eval_knn.main, knn_args(*EVAL_ARGS, "--data_path", tmp_path, *weights_args,
+                                 "--output_json", blocker / "knn.json"), "the folder of --output_json"),
+        (eval_knn.main, knn_args(*EVAL_ARGS, "--data_path", tmp_path, *weights_args, "--dump_features", blocker / "f"),
          "--dump_features"),
         (eval_image_retrieval.main, eval_image_retrieval.get_args_parser().parse_args(
-            TINY_BACKBONE_ARGS + ["--data_path", str(tmp_path), *missing, "--output_dir", str(blocker)]),
+            TINY_BACKBONE_ARGS + ["--data_path", str(tmp_path), *weights_args, "--output_dir", str(blocker)]),
          "--output_dir"),
         (eval_copy_detection.main, eval_copy_detection.get_args_parser().parse_args(
-            TINY_BACKBONE_ARGS + ["--data_path", str(tmp_path), "--imsize", "32", *missing,
+            TINY_BACKBONE_ARGS + ["--data_path", str(tmp_path), "--imsize", "32", *weights_args,
                                   "--output_dir", str(blocker / "sub")]), "--output_dir"),
     ]
     for main, args, what in cases:

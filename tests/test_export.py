@@ -153,14 +153,18 @@ def test_official_dino_checkpoint_exports_teacher_or_student(tmp_path, capsys):
 def test_mismatched_weights_are_named_and_nothing_is_written(trained_checkpoint, tmp_path):
     output = tmp_path / "out.pth"
     patch8 = TINY_BACKBONE_ARGS[:2] + ["--patch_size", "8"] + TINY_BACKBONE_ARGS[4:]
-    with pytest.raises(RuntimeError, match=r"shape mismatches \(1\): patch_embed\.proj\.weight: "
-                                           r"file \(32, 3, 4, 4\) vs model \(32, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"--patch_size 8 contradicts the weights' 4 \(.*checkpoint.pth, from its "
+                                         r"patch embedding patch_embed.proj.weight\): drop --patch_size or give 4"):
         export(trained_checkpoint, output, "timm", patch8)
-    with pytest.raises(RuntimeError, match=r"do not fit this backbone.*\n.*missing keys \(132\): blocks\.1\."):
+    with pytest.raises(ValueError, match=r"--arch vit_small contradicts the weights' vit_tiny \(.*checkpoint.pth, "
+                                         r"from its stored args\): drop --arch or give vit_tiny"):
         export(trained_checkpoint, output, "dino", ["--arch", "vit_small", "--patch_size", "4"])
     wider = TINY_BACKBONE_ARGS[:5] + ["48"] + TINY_BACKBONE_ARGS[6:]
-    with pytest.raises(RuntimeError, match=r"shape mismatches \(18\): blocks\.0\.attn"):
+    with pytest.raises(ValueError, match=r"--embed_dim 48 contradicts the weights' 32"):
         export(trained_checkpoint, output, "dino", wider)
+    with pytest.raises(RuntimeError, match=r"shape mismatches \(1\): patch_embed\.proj\.weight: "
+                                           r"file \(32, 3, 4, 4\) vs model \(32, 3, 8, 8\)"):
+        our_backbone(trained_checkpoint, img_size=16, backbone_args=patch8)
     assert list(tmp_path.iterdir()) == []
 
 

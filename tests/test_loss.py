@@ -1,4 +1,4 @@
-"""The PW-Self loss against a per-sample, per-pair re-computation of METHOD.md section 4."""
+"""The PW-Self loss against a per-sample, per-pair re-computation of docs/method.md section 4."""
 import numpy as np
 import pytest
 import torch
@@ -36,7 +36,7 @@ def make_loss(center, cls_weight=None):
 
 
 def reference_loss(student, teacher, geometry, center, cls_weight=None):
-    """METHOD.md section 4 written out: every sample, every view pair, every matched token pair."""
+    """docs/method.md section 4 written out: every sample, every view pair, every matched token pair."""
     pair_losses = []
     for g, v in view_pairs(len(student)):
         cls_terms, patch_terms = [], []

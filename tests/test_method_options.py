@@ -56,7 +56,7 @@ def make_loss(centers, cls_weight=None, chunk_elements=2 ** 20):
 
 
 def per_token_loss(geometry, tokens, student_z, student_w, teacher_z, teacher_w, centers, cls_weight):
-    """METHOD.md section 4 written out token by token, CLS through the CLS head and center, patches through the
+    """docs/method.md section 4 written out token by token, CLS through the CLS head and center, patches through the
     patch head and their position's center."""
     batch = geometry.shape[0]
     student_views = student_z.split([batch * t for t in tokens])

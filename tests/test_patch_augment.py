@@ -1,4 +1,4 @@
-"""Patch-level photometric augmentation (METHOD.md section 5): the tile ops, the CPU path in
+"""Patch-level photometric augmentation (docs/method.md section 5): the tile ops, the CPU path in
 MultiCropAugmentation, the device path in DevicePhotometric, and their agreement."""
 import inspect
 import math

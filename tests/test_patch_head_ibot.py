@@ -109,7 +109,7 @@ def make_ibot_loss(centers, cls_weight=None, chunk_elements=2 ** 20, positions=1
 
 
 def per_token_ibot_loss(geometry, tokens, student_z, student_w, teacher_z, teacher_w, centers, cls_weight):
-    """METHOD.md section 4 token by token: CLS through the CLS last layer, center and temperature; every patch
+    """docs/method.md section 4 token by token: CLS through the CLS last layer, center and temperature; every patch
     through the patch last layer, the one patch center and the patch temperature."""
     batch = geometry.shape[0]
     student_views = student_z.split([batch * t for t in tokens])

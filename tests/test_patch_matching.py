@@ -123,7 +123,7 @@ def test_batched_agrees_on_training_like_views(mode):
 
 
 def test_typical_pair_counts_match_method():
-    # METHOD.md section 3: about 131 global-global and 29 global-local pairs at patch 16.
+    # docs/method.md section 3: about 131 global-global and 29 global-local pairs at patch 16.
     torch.manual_seed(0)
     globals_a, globals_b = (_augmentation_geometries(1500, 224, (0.4, 1.0)) for _ in range(2))
     locals_ = _augmentation_geometries(1500, 96, (0.05, 0.4))
@@ -169,7 +169,7 @@ def _centre_errors(teacher, student, patch_size):
 
 
 def test_upstream_accuracy_matches_method():
-    # METHOD.md section 3: over pairs drawn like training views, matched centres lie a median
+    # docs/method.md section 3: over pairs drawn like training views, matched centres lie a median
     # ~0.48 and at most ~1.6 coarser-grid patches apart.
     torch.manual_seed(2)
     num_images, num_locals = 120, 8

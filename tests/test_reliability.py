@@ -480,8 +480,8 @@ def test_bad_evaluation_weights_are_named_never_random(reference, tmp_path):
     with pytest.raises(FileNotFoundError, match="weights file .*missing.pth does not exist"):
         vits.build_frozen_backbone(missing, img_size=16)
     other_patch = parser.parse_args(TINY_BACKBONE_ARGS + ["--patch_size", "8", "--pretrained_weights", str(checkpoint)])
-    with pytest.raises(RuntimeError, match=r"do not fit this backbone.*\n.*\n.*\n.*shape mismatches \(1\): "
-                                           r"patch_embed.proj.weight"):
+    with pytest.raises(ValueError, match=r"--patch_size 8 contradicts the weights' 4 \(.*checkpoint.pth, from its patch "
+                                         r"embedding patch_embed.proj.weight\): drop --patch_size or give 4"):
         vits.build_frozen_backbone(other_patch, img_size=16)
     with pytest.raises(RuntimeError, match=r"checkpoint.pth is not a linear-probe checkpoint .*\(no probe, best"):
         eval_linear.load_probe_checkpoint(checkpoint)

@@ -337,11 +337,12 @@ def test_bad_mask_read_by_a_worker_is_raised_by_the_main_process_as_the_same_mes
 @pytest.mark.parametrize("option, value, what", [
     ("--output_json", "a_file/s.json", "the folder of --output_json"), ("--save_masks", "a_file/masks", "--save_masks"),
     ("--visualize", "a_file/figures", "the folder of --visualize N DIR")])
-def test_unwritable_outputs_are_named_before_any_data_or_model_is_read(tmp_path, option, value, what):
+def test_unwritable_outputs_are_named_before_any_data_or_model_is_read(tmp_path, option, value, what,
+                                                                      weights_not_to_load):
     (tmp_path / "a_file").write_text("in the way\n")
     write_voc(tmp_path / "data", {"train": 2, "val": 1})
     values = ["2", str(tmp_path / value)] if option == "--visualize" else [str(tmp_path / value)]
     with pytest.raises(NotADirectoryError, match=rf"{what} .*{value} (.*a_file )?cannot be a folder: .*a_file is a file"):
-        es.main(parse(*TINY_BACKBONE_ARGS, "--pretrained_weights", str(tmp_path / "missing.pth"), "--data_path",
+        es.main(parse(*TINY_BACKBONE_ARGS, "--pretrained_weights", str(weights_not_to_load), "--data_path",
                       str(tmp_path / "data"), "--size", str(SIZE), option, *values, "--device", "cpu"))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "data"]

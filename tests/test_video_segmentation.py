@@ -571,12 +571,12 @@ def test_the_script_scores_void_by_its_rule_and_records_it(rule, tmp_path):
     assert scores["background"] != scores["ignore"]
 
 
-def test_unwritable_outputs_are_named_before_the_model_is_built(tmp_path):
+def test_unwritable_outputs_are_named_before_the_model_is_built(tmp_path, weights_not_to_load):
     data = write_davis(tmp_path / "davis")
     (tmp_path / "a_file").write_text("in the way\n")
-    missing = ("--pretrained_weights", str(tmp_path / "missing.pth"), "--data_path", str(data))
+    given = ("--pretrained_weights", str(weights_not_to_load), "--data_path", str(data))
     with pytest.raises(NotADirectoryError, match=r"--output_dir .*a_file cannot be a folder: .*a_file is a file"):
-        ev.main(parse(*missing, "--output_dir", str(tmp_path / "a_file")))
+        ev.main(parse(*given, "--output_dir", str(tmp_path / "a_file")))
     with pytest.raises(NotADirectoryError, match=r"the folder of --output_json .*a_file/r.json .*a_file cannot be a folder"):
-        ev.main(parse(*missing, "--output_dir", str(tmp_path / "out"), "--output_json", str(tmp_path / "a_file/r.json")))
+        ev.main(parse(*given, "--output_dir", str(tmp_path / "out"), "--output_json", str(tmp_path / "a_file/r.json")))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "davis"]
