@@ -114,19 +114,28 @@ CONTINUE_RUN := $(PY) compare.py --data_path $(SCENES) --init_from $(COMPARE) --
 	--segmentation_args "--epochs 10" --device cpu --num_workers 2
 FMNIST_CHECK := $(PY) compare.py --data_path $(COMPARE_DATA) --crop_size 32 --resize_size 32 --linear_lr 0.3 \
 	--device cpu --num_workers 2
-# The defaults of an initialised run, chosen here on the holdout splits (2 seeds): fresh heads (--init_heads false,
-# as on DINO's released backbones); the base is the from-scratch recipe's schedule.
-CONTINUE_SWEEP := --train_args "$(CONTINUE_ARGS) --init_heads false --lr 0.006 --warmup_epochs 3 \
-	--momentum_teacher 0.99 --freeze_backbone_epochs 0" --variant "lr2=--lr 0.002" --variant "lr06=--lr 0.0006" \
+# The defaults of an initialised run, chosen on the holdout splits in two stages: every setting with seed 0, then
+# the finalists and their combination with 2 seeds. Fresh heads (--init_heads false, as on DINO's released
+# backbones); the base is the from-scratch recipe's schedule.
+CONTINUE_BASE := --train_args "$(CONTINUE_ARGS) --init_heads false --lr 0.006 --warmup_epochs 3 \
+	--momentum_teacher 0.99 --freeze_backbone_epochs 0"
+CONTINUE_SWEEP := $(CONTINUE_BASE) --variant "lr2=--lr 0.002" --variant "lr06=--lr 0.0006" \
 	--variant "lr2_f1=--lr 0.002 --freeze_backbone_epochs 1" --variant "lr06_f1=--lr 0.0006 --freeze_backbone_epochs 1" \
 	--variant "lr2_w1=--lr 0.002 --warmup_epochs 1" --variant "lr06_w1=--lr 0.0006 --warmup_epochs 1" \
 	--variant "lr2_m996=--lr 0.002 --momentum_teacher 0.996" --variant "lr06_m996=--lr 0.0006 --momentum_teacher 0.996"
+CONTINUE_FINAL := $(CONTINUE_BASE) --variant "lr2_f1=--lr 0.002 --freeze_backbone_epochs 1" \
+	--variant "lr2_w1=--lr 0.002 --warmup_epochs 1" \
+	--variant "lr2_f1_w1=--lr 0.002 --freeze_backbone_epochs 1 --warmup_epochs 1"
 
 continue-holdout: compare scenes
-	$(CONTINUE_RUN) --seeds 2 --eval_split holdout --correspondence_args "--num_images 500" $(CONTINUE_SWEEP) \
+	$(CONTINUE_RUN) --seeds 1 --eval_split holdout --correspondence_args "--num_images 500" $(CONTINUE_SWEEP) \
 		--output_dir continue_holdout
-	$(FMNIST_CHECK) --seeds 2 --eval_split holdout --correspondence_args "--num_images 500" \
+	$(FMNIST_CHECK) --seeds 1 --eval_split holdout --correspondence_args "--num_images 500" \
 		--trained_in continue_holdout --output_dir continue_holdout_fmnist
+	$(CONTINUE_RUN) --seeds 2 --eval_split holdout --correspondence_args "--num_images 500" $(CONTINUE_FINAL) \
+		--output_dir continue_holdout_final
+	$(FMNIST_CHECK) --seeds 2 --eval_split holdout --correspondence_args "--num_images 500" \
+		--trained_in continue_holdout_final --output_dir continue_holdout_final_fmnist
 
 continue-demo: compare scenes
 	$(CONTINUE_RUN) --seeds 3 --correspondence_args "--num_images 1000" --train_args "$(CONTINUE_ARGS)" \

@@ -13,8 +13,11 @@ random weights (the floor). ``--segmentation_args`` adds ``eval_segmentation.py`
 on the masks of ``<data_path>``, by default a ``voc`` layout such as ``prepare_data.py --dataset
 fashion_mnist_scenes`` writes); k-NN and linear are left out where ``<data_path>/train`` has no class
 folders (images without labels). ``--trained_in DIR`` evaluates the teachers of the comparison in ``DIR``
-instead of training (e.g. models trained on one dataset, evaluated on another). The table gives mean +- standard deviation over seeds per method and
-metric, and each method's paired difference to ``dino`` seed by seed.
+instead of training (e.g. models trained on one dataset, evaluated on another). ``--init_from DIR`` continues
+pre-training: every method's seed k starts from the final ``dino`` teacher of seed k in the comparison in
+``DIR`` (``--init_method``), and those teachers are evaluated alike as the method ``start``. The table gives mean
++- standard deviation over seeds per method and metric, each method's paired difference to ``dino`` seed by seed
+and, with ``--init_from``, to ``start``.
 
 Outputs in ``--output_dir``: ``compare_args.json`` (the settings: a rerun with other ones is refused),
 ``<method>/seed<k>/`` (``train/``, ``linear/``, one JSON per step -- its result, the command it ran and its
