@@ -25,8 +25,8 @@ from transforms_patch import eval_transform
 # What an initialised run's options take when left unset (patch_wise_dino.apply_defaults), chosen on the holdout
 # split by continuing PW-Self from trained teachers (docs/continued_pretraining.md): the learning rate as a fraction
 # of DINO's from-scratch default, and the head warm-up for heads that start fresh.
-LR_FRACTION = 0.1
-CONTINUED_DEFAULTS = {"warmup_epochs": 1, "momentum_teacher": 0.996}
+LR_FRACTION = 1 / 3
+CONTINUED_DEFAULTS = {"warmup_epochs": 3, "momentum_teacher": 0.996}
 HEAD_WARMUP_EPOCHS = 1
 
 

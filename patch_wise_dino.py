@@ -68,7 +68,7 @@ def default_text(name: str) -> str:
         continued = (f"{initialisation.HEAD_WARMUP_EPOCHS} where the heads start fresh (the file holds none that fit, "
                      "or --init_heads false), else 0")
     else:
-        continued = initialisation.continued_defaults(FROM_SCRATCH_DEFAULTS["lr"])[name]
+        continued = f'{initialisation.continued_defaults(FROM_SCRATCH_DEFAULTS["lr"])[name]:g}'
     return f"{scratch} from random weights; with --init_weights {continued} (chosen on holdout)"
 
 
