@@ -1,12 +1,12 @@
 # make demo : PW-Self end to end on the CPU (set-up, real data, training, k-NN vs random init,
-#             patch-matching figure, training curves), in about 9 minutes on 2 cores.
+#             patch-matching figure, training curves): 12 min 50 s from a fresh clone on 2 idle cores.
 # make compare : PW-Self against DINO on Fashion-MNIST, 3 seeds each, k-NN / linear / correspondence, one
 #             table (compare_output/comparison.md): 114 min of compute measured on 2 cores shared with other jobs (one
 #             training alone takes 10 min); reruns reuse what is done.
 # make compare-ablation : after make compare, the 2024 method's parts in one table (compare_ablation/comparison.md):
 #             PW-Self with patch-level photometric augmentation and with a separate patch head (3 seeds each), about
 #             100 minutes on 2 cores.
-# make compare-more : after make compare, the investigations of README "Results" (CLS weight, matching rule,
+# make compare-more : after make compare, the investigations of docs/results.md (CLS weight, matching rule,
 #             10 epochs, patch 4), about 1 hour 40 minutes on 2 cores.
 # make compare-scenes : PW-Self against DINO trained on multi-garment scene canvases (labels unused), 3 seeds each,
 #             segmentation from frozen patch tokens (linear probe and retrieval mIoU) and correspondence
@@ -15,8 +15,12 @@
 #             (compare_scenes_transfer/comparison.md), 33 minutes on 2 cores.
 # make compare-cifar10 CIFAR10=path/to/cifar-10-python.tar.gz : the same on CIFAR-10 at 32 px, patch 4, on a GPU
 #             (a starting recipe, not run by us: we had no GPU).
+# make continue-holdout : after make compare, the holdout sweep behind the defaults of a run started from weights
+#             (docs/continued_pretraining.md), about 2 h 20 min on 2 cores.
+# make continue-demo : after make compare, its DINO teachers continued with DINO and PW-Self on the scenes, 3 seeds
+#             (continue_scenes/comparison.md, continue_fmnist/comparison.md), CONTINUE_DEMO_TIME on 2 cores.
 # make test : the test suite (set-up included); .ci/run calls it.
-# make bench-gpu : the README's performance tables on one CUDA GPU (four runs; not timed yet: no GPU so far).
+# make bench-gpu : the tables of docs/performance.md on one CUDA GPU (four runs; not timed yet: no GPU so far).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +28,7 @@ DEMO := demo_output
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARCH := --arch vit_tiny --patch_size 8 --embed_dim 96 --depth 3 --num_heads 3
 EVAL := $(ARCH) --data_path $(DEMO)/data --resize_size 32 --crop_size 32 --num_workers 2 --device cpu
-# The demo's training recipe, also the comparison's (chosen on the holdout split, see README "Results").
+# The demo's training recipe, also the comparison's (chosen on the holdout split, see docs/results.md).
 RECIPE := $(ARCH) --out_dim 512 --head_hidden_dim 256 --head_bottleneck_dim 64 --global_crops_size 32 \
 	--local_crops_size 16 --local_crops_number 2 --batch_size_per_gpu 32 --epochs 40 --warmup_epochs 3 \
 	--lr 0.006 --momentum_teacher 0.99 --teacher_temp 0.02 --warmup_teacher_temp 0.02 --print_freq 500

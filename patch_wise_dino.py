@@ -144,7 +144,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "the straightforward computation). Same loss and gradients; the fused path's memory "
                             "does not grow with batch x tokens x K. auto: fused with the patch loss, plain for "
                             "DINO's CLS-only loss, whose logits are small enough that the fused path's extra "
-                            "passes cost more than they save (measured: README 'Performance').")
+                            "passes cost more than they save (measured: docs/performance.md).")
     group.add_argument("--loss_chunk_mib", default=512, type=int,
                        help="Size of one chunk of float32 logits in the fused loss, in MiB: its transient "
                             "memory is a few chunks; larger chunks mean fewer, larger kernels.")
@@ -998,8 +998,8 @@ def refuse_cls_only_center(checkpoint: dict, trainer: Trainer, path: Path) -> No
     raise ValueError(f"{path} holds DINO's loss state (one CLS centre, {list(saved.shape)}), but --patch_loss true "
                      f"needs a centre per token ({list(ours.shape)}): resuming it as PW-Self is not a continuation. "
                      "Resume it with --patch_loss false to continue DINO's training exactly; starting PW-Self from "
-                     "its weights is continued pre-training, a new run with --init_weights PATH (see README "
-                     "\"Continue from released weights\").")
+                     "its weights is continued pre-training, a new run with --init_weights PATH (see "
+                     "docs/continued_pretraining.md).")
 
 
 def resume_checkpoint(output_dir: Path, resume_from: str | None) -> tuple[Path, dict | None]:

@@ -256,7 +256,7 @@ def test_random_init_baseline_is_reproducible():
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights that must be refused or read (README "When things go wrong").
+# Weights that must be refused or read (docs/troubleshooting.md).
 # ----------------------------------------------------------------------------------------------
 def diverged_copy(checkpoint_path, folder) -> str:
     """A copy of a training checkpoint whose teacher holds a NaN and an infinity, as ``folder/checkpoint.pth``."""

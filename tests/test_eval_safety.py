@@ -1,4 +1,4 @@
-"""Evaluations never report, replace or run what is not theirs (README "When things go wrong"):
+"""Evaluations never report, replace or run what is not theirs (docs/troubleshooting.md):
 linear checkpoints of other runs, training checkpoints under an export, features of other weights,
 crafted ground-truth pickles, and output paths that cannot be written are all refused by name."""
 import json

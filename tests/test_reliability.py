@@ -1,4 +1,4 @@
-"""Crashes and bad input (README "When things go wrong"): killed and resumed runs end bitwise like an
+"""Crashes and bad input (docs/troubleshooting.md): killed and resumed runs end bitwise like an
 uninterrupted one; bad images, arguments and checkpoints give clear errors or are handled."""
 import argparse
 import errno

@@ -128,7 +128,7 @@ def test_gem_features_and_whitening():
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings and inputs that are refused at the start (README "When things go wrong").
+# Settings and inputs that are refused at the start (docs/troubleshooting.md).
 # ----------------------------------------------------------------------------------------------
 def with_boxes(revisitop_set, folder, boxes: dict):
     """A copy of the revisitop set's ground truth (same images) with some query boxes replaced."""

@@ -41,7 +41,7 @@ def test_going_back_with_other_arguments_moves_the_other_lineage_aside_and_recor
     data, output = finished_run
     later = ["checkpoint0001.pth", "checkpoint0002.pth"]
     original = contents(output, later + ["log.txt", "args.json"])
-    (output / "checkpoint.pth").unlink()  # README's recipe: the run went bad after epoch 0; go back there
+    (output / "checkpoint.pth").unlink()  # docs/troubleshooting.md's recipe: the run went bad after epoch 0; go back there
     start = output / "checkpoint0000.pth"
     changed = (*RUN, "--resume_from", str(start), "--allow_args_change", "--lr", "0.001")
     capsys.readouterr()
