@@ -10,6 +10,7 @@ import eval_linear
 import patch_wise_dino
 import utils
 from conftest import TINY_ARGS, TINY_BACKBONE_ARGS, write_images
+from test_reliability import Crash, crash_at_epoch_1_iteration_2
 
 EVAL_ARGS = TINY_BACKBONE_ARGS + ["--resize_size", "16", "--crop_size", "16", "--num_workers", "0", "--device", "cpu"]
 CURVES = {"train/loss", "train/loss_cls", "train/loss_patch", "train/lr", "train/wd", "train/teacher_temp",
@@ -78,20 +79,9 @@ def test_training_prints_a_short_summary_then_progress_with_the_runs_eta(data, t
     assert "Start:" not in printed and "Training already finished" in printed
 
 
-class Crash(Exception):
-    pass
-
-
 def test_tensorboard_curves_go_on_after_a_resume_without_doubled_points(data, tmp_path, monkeypatch):
     output = tmp_path / "run"
-    step = patch_wise_dino.Trainer.step
-
-    def crash_in_epoch_1_iteration_2(self, images, geometry, epoch, iteration, iteration_in_epoch):
-        if (epoch, iteration_in_epoch) == (1, 2):
-            raise Crash
-        return step(self, images, geometry, epoch, iteration, iteration_in_epoch)
-
-    monkeypatch.setattr(patch_wise_dino.Trainer, "step", crash_in_epoch_1_iteration_2)
+    crash_at_epoch_1_iteration_2(monkeypatch)
     with pytest.raises(Crash):
         patch_wise_dino.main(parse(data, output, "--epochs", "2", "--tensorboard", "true"))
     monkeypatch.undo()

@@ -20,20 +20,13 @@ import hubconf
 import patch_wise_dino
 import vision_transformer as vits
 import visualize_attention
-from conftest import ROOT, TINY_BACKBONE_ARGS, dino_backbone_state, write_images
+from conftest import ROOT, TINY_BACKBONE_ARGS, dino_backbone_state
+from test_dino_checkpoint import classes  # noqa: F401 (the module's fixture: labelled images in train/ and val/)
 from test_segmentation import write_voc
 from test_video_segmentation import write_davis
 
 DINO_CHECKPOINT = ROOT / "tests" / "fixtures" / "dino_main_checkpoint_tiny.pth"
 CPU = ["--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def classes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("classes")
-    for split in ("train", "val"):
-        write_images(root / split, per_class=3, size=(40, 36), seed=split == "val")
-    return root
 
 
 def knn_top1(weights, data, *backbone_args) -> dict:
