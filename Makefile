@@ -18,7 +18,7 @@
 # make continue-holdout : after make compare, the holdout sweep behind the defaults of a run started from weights
 #             (docs/continued_pretraining.md), about 2 h 20 min on 2 cores.
 # make continue-demo : after make compare, its DINO teachers continued with DINO and PW-Self on the scenes, 3 seeds
-#             (continue_scenes/comparison.md, continue_fmnist/comparison.md), CONTINUE_DEMO_TIME on 2 cores.
+#             (continue_scenes/comparison.md, continue_fmnist/comparison.md), 1 h 27 min on 2 cores.
 # make test : the test suite (set-up included); .ci/run calls it.
 # make bench-gpu : the tables of docs/performance.md on one CUDA GPU (four runs; not timed yet: no GPU so far).
 PYTHON ?= python3
