@@ -262,6 +262,7 @@ def train_heads(features: torch.Tensor, labels: torch.Tensor, lrs: list[float], 
     optimizers = [torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9) for head, lr in zip(heads.heads, lrs)]
     steps_per_epoch = math.ceil(len(features) / args.linear_batch_size)
     total, step = args.epochs * steps_per_epoch, 0
+    epochs_done = utils.Progress(args.epochs)
     heads.train()
     for epoch in range(args.epochs):
         order = torch.randperm(len(features), generator=generator)
@@ -284,7 +285,8 @@ def train_heads(features: torch.Tensor, labels: torch.Tensor, lrs: list[float], 
             losses += loss.detach().cpu()
             step += 1
         values = ", ".join(f"lr {lr:g}: {value:.4f}" for lr, value in zip(lrs, (losses / steps_per_epoch).tolist()))
-        print(f"{header} epoch {epoch + 1}/{args.epochs}: loss {values}", flush=True)
+        epochs_done.advance()
+        print(f"{header} epoch {epoch + 1}/{args.epochs}: loss {values}  {epochs_done.times()}", flush=True)
     return heads.eval()
 
 

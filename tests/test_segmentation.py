@@ -2,6 +2,7 @@
 confusion matrices, both protocols on features whose answer is known, the voc / ade20k / folder layouts,
 masks and figures written, and bad input refused with its name."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -248,7 +249,9 @@ def test_script_end_to_end_writes_json_masks_and_figures(tmp_path, capsys):
                             "--output_json", str(output), "--save_masks", str(tmp_path / "masks"),
                             "--visualize", "2", str(tmp_path / "figures"), "--device", "cpu"))
     assert json.loads(output.read_text())["linear"]["mIoU"] == summary["linear"]["mIoU"]
-    assert "FINAL {" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "FINAL {" in printed
+    assert re.search(r"epoch 1/2: loss lr 0\.1: [0-9.]+, lr 0\.3: [0-9.]+  elapsed: \S+  eta: \S+", printed)
     assert (summary["retrieval"]["per_image"], summary["retrieval"]["memory_patches"]) == (8, 48)  # 50 // 6 images
     for protocol in ("linear", "retrieval"):
         masks = sorted((tmp_path / "masks" / protocol).glob("*.png"))
