@@ -107,8 +107,9 @@ def build_split(data_path: str | Path, split: str, transform,
     folder = Path(data_path) / split
     if not folder.is_dir():
         fix = " (a holdout split is written by prepare_data.py --holdout N)" if split == "holdout" else ""
+        evaluated = "val" if split == "train" else split
         raise FileNotFoundError(f"{folder} not found: the dataset must be laid out as "
-                                f"{data_path}/train/<class>/* and {data_path}/{split}/<class>/*{fix}")
+                                f"{data_path}/train/<class>/* and {data_path}/{evaluated}/<class>/*{fix}")
     return dataset_class(str(folder), transform=transform, loader=utils.read_rgb_image)
 
 

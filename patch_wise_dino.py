@@ -598,6 +598,7 @@ def build_student_teacher(args: argparse.Namespace, native_patches: int | None =
     if native_patches is not None and native_patches != student_backbone.pos_embed.shape[1] - 1:
         for backbone in (student_backbone, teacher_backbone):  # before the optimizer and DDP see the parameter
             backbone.set_native_grid(native_patches)
+        print(student_backbone.native_grid_note(), flush=True)
     student, teacher = wrap(student_backbone), wrap(teacher_backbone)
     teacher.load_state_dict(student.state_dict())
     for parameter in teacher.parameters():

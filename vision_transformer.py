@@ -131,8 +131,12 @@ class VisionTransformer(TimmVisionTransformer):
         self.patch_embed.set_input_size(img_size=side * self.patch_size)
         self.pos_embed = nn.Parameter(self.pos_embed.new_zeros(1, 1 + num_patches, self.pos_embed.shape[-1]),
                                       requires_grad=self.pos_embed.requires_grad)
-        print(f"Position embeddings keep the weights' {side}x{side} grid ({side * self.patch_size} px); "
-              f"other sizes are resampled from it at forward time, as in DINO", flush=True)
+
+    def native_grid_note(self) -> str:
+        """One line for the user: the grid the position embeddings keep, and that other sizes are resampled."""
+        side = math.isqrt(self.pos_embed.shape[1] - 1)
+        return (f"Position embeddings keep the weights' {side}x{side} grid ({side * self.patch_size} px); "
+                "other sizes are resampled from it at forward time, as in DINO")
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> input tokens of the first block ``[B, 1 + N, D]``, ``N`` the patches of
@@ -417,6 +421,7 @@ def load_pretrained_weights(model: VisionTransformer, path: str, checkpoint_key:
     _raise_on_non_finite(state, checkpoint, path)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         model.set_native_grid(state["pos_embed"].shape[1] - 1)
+        print(model.native_grid_note(), flush=True)
     _raise_on_mismatch(model, state, path)
     model.load_state_dict(state, strict=True)
     print(f"Loaded {len(state)} backbone tensors from {path} (key '{checkpoint_key}')", flush=True)
